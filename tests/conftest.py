@@ -1,0 +1,55 @@
+"""Shared test fixtures: paths into ../shared (skipped with a reason when it is absent)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+TOKENIZER_MODEL = SHARED / "chatglm-tokenizer" / "tokenizer.model"
+
+needs_shared = pytest.mark.skipif(
+    not TOKENIZER_MODEL.is_file() or not FIXTURES.is_dir(),
+    reason="../shared (fixtures and the real tokenizer.model) is not beside the project root; "
+    "it is present in CI, absent in a fresh clone",
+)
+
+
+def load_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model() -> Path:
+    if not TOKENIZER_MODEL.is_file():
+        pytest.skip(f"{TOKENIZER_MODEL} not found: ../shared is absent (fresh clone)")
+    return TOKENIZER_MODEL
+
+
+def copy_fixture_model(name: str, dest: Path) -> Path:
+    """Copy ../shared/fixtures/models/NAME/model plus the real tokenizer.model into ``dest``,
+    giving the layout of an official download (config.json, weights, tokenizer.model)."""
+    src = FIXTURES / "models" / name / "model"
+    if not src.is_dir() or not TOKENIZER_MODEL.is_file():
+        pytest.skip(f"{src} or {TOKENIZER_MODEL} not found: ../shared is absent (fresh clone)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        shutil.copyfile(f, dest / f.name)
+    shutil.copyfile(TOKENIZER_MODEL, dest / "tokenizer.model")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def chatglm2_dir(tmp_path_factory) -> Path:
+    """The tiny int4 ChatGLM2 fixture model with tokenizer.model beside it."""
+    return copy_fixture_model("chatglm2-int4-tiny", tmp_path_factory.mktemp("chatglm2-int4-tiny"))
+
+
+@pytest.fixture(scope="session")
+def chatglm3_dir(tmp_path_factory) -> Path:
+    """The tiny sharded fp16 ChatGLM3-32K fixture model with tokenizer.model beside it."""
+    return copy_fixture_model("chatglm3-32k-tiny", tmp_path_factory.mktemp("chatglm3-32k-tiny"))
