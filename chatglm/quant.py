@@ -7,6 +7,7 @@ nibble for column ``2j + 1``; ``weight_scale`` is ``fp16 [out]`` and ``W[o, i] =
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -47,3 +48,70 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     codes = torch.round(w16 / safe[:, None]).clamp_(-8, 7).to(torch.int8)
     return pack_int4(codes), scale
+
+
+QUANTIZED_LINEARS = ("self_attention.query_key_value", "self_attention.dense",
+                     "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+class Int4Linear(nn.Module):
+    """A linear layer that computes from the official packed int4 weight.
+
+    Buffers ``weight`` (int8 ``[out, in/2]``) and ``weight_scale`` (fp16 ``[out]``) carry the official
+    state-dict names. The computation is picked per call by :mod:`chatglm.kernels.dispatch`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        if in_features % 2:
+            raise ValueError(f"int4 linear needs an even in_features, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        self.packed = None  # a backend's repacked weight, see chatglm.kernels.dispatch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels.dispatch import int4_linear
+        return int4_linear(self, x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, bias={self.bias is not None}"
+
+
+def int4_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the linears that the official int4 format quantizes."""
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, (nn.Linear, Int4Linear)) and name.endswith(QUANTIZED_LINEARS)]
+
+
+def swap_to_int4(model: nn.Module) -> nn.Module:
+    """Replace the encoder's linears by empty :class:`Int4Linear` modules (same device and float dtype),
+    without touching the model definition. Weights are filled by the loader or :func:`quantize_module`."""
+    for name in int4_layer_names(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if isinstance(old, Int4Linear):
+            continue
+        dtype = old.weight.dtype if old.weight.is_floating_point() else None
+        setattr(parent, child, Int4Linear(old.in_features, old.out_features, old.bias is not None,
+                                          device=old.weight.device, dtype=dtype))
+    return model
+
+
+def quantize_module(model: nn.Module) -> nn.Module:
+    """Quantize a float model in place: each encoder linear becomes an :class:`Int4Linear`."""
+    for name in int4_layer_names(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if isinstance(old, Int4Linear):
+            continue
+        new = Int4Linear(old.in_features, old.out_features, old.bias is not None,
+                         device=old.weight.device, dtype=old.weight.dtype)
+        new.weight, new.weight_scale = quantize_int4(old.weight)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
+        setattr(parent, child, new)
+    return model

@@ -1,0 +1,66 @@
+"""Token generation: a generator of ids over a KV cache (prefill once, then one token per step)."""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Iterator
+
+import torch
+
+from .cache import KVCache
+from .model import ChatGLMForConditionalGeneration
+from .sampling import SamplingParams, select_token
+
+log = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit the model's context."""
+
+
+def check_prompt_length(n_prompt: int, max_context: int) -> None:
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty: at least one input id is needed")
+    if n_prompt >= max_context:
+        raise ContextLengthError(f"the prompt has {n_prompt} tokens but the context holds {max_context}: "
+                                 f"shorten it to at most {max_context - 1} tokens to leave room for a reply")
+
+
+def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], max_new_tokens: int,
+                 params: SamplingParams, stop_ids: Iterable[int], max_context: int,
+                 generator: torch.Generator | None = None, vocab_limit: int | None = None) -> Iterator[int]:
+    """Yield new token ids until a stop id (not yielded), ``max_new_tokens``, or the context is full.
+
+    ``vocab_limit`` masks ids at and above it (the padding rows of the output layer are not tokens).
+    The KV cache is sized for this request (prompt + new tokens) and freed when the generator ends.
+    """
+    check_prompt_length(len(input_ids), max_context)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    room = max_context - len(input_ids)
+    if max_new_tokens > room:
+        log.warning("max_new_tokens=%d clamped to %d: the prompt has %d tokens of a %d-token context",
+                    max_new_tokens, room, len(input_ids), max_context)
+        max_new_tokens = room
+    if max_new_tokens == 0:
+        return
+    stops = set(stop_ids)
+    device = model.device
+    cache = KVCache(model.config, 1, len(input_ids) + max_new_tokens, device, model.dtype)
+    history = torch.tensor(input_ids, dtype=torch.long)
+    produced: list[int] = []
+    try:
+        with torch.inference_mode():
+            x = torch.tensor([input_ids], dtype=torch.long, device=device)
+            for _ in range(max_new_tokens):
+                logits = model(x, cache=cache, last_only=True)[0, -1].float().cpu()
+                if vocab_limit is not None and vocab_limit < logits.numel():
+                    logits[vocab_limit:] = float("-inf")
+                previous = torch.cat((history, torch.tensor(produced, dtype=torch.long)))
+                token = select_token(logits, params, previous, generator)
+                if token in stops:
+                    return
+                produced.append(token)
+                yield token
+                x = torch.tensor([[token]], dtype=torch.long, device=device)
+    finally:
+        del cache

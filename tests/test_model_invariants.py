@@ -1,0 +1,151 @@
+"""Invariants on tiny random models made here: cache, batching, int4 format, dtypes, sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatglm.checkpoint import load_model
+from chatglm.config import ChatGLMConfig
+from chatglm.generate import ContextLengthError, generate_ids
+from chatglm.model import ChatGLMForConditionalGeneration
+from chatglm.quant import dequantize_int4, pack_int4, quantize_int4, quantize_module, unpack_int4
+from chatglm.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p
+from tests.tiny import random_state, tiny_config, write_model
+
+PROMPT = [64790, 64792, 36474, 54591, 31123, 13, 30910, 100, 2000, 3, 77, 5000]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = tiny_config(rope_ratio=50, seq_length=64)
+    return write_model(tmp_path_factory.mktemp("tiny"), cfg, random_state(cfg, seed=7), "safetensors")
+
+
+def _load(model_dir, **kw) -> ChatGLMForConditionalGeneration:
+    return load_model(model_dir, ChatGLMConfig.from_json(model_dir / "config.json"), **kw)
+
+
+def _greedy(model, prompt, n=12, **kw):
+    return list(generate_ids(model, prompt, n, SamplingParams(0.0), (), model.config.seq_length, **kw))
+
+
+@pytest.mark.parametrize("quantize", [None, 4], ids=["float", "int4"])
+def test_cached_decoding_equals_full_forward(model_dir, quantize):
+    model = _load(model_dir, quantize=quantize)
+    cached = _greedy(model, PROMPT)
+    ids = list(PROMPT)
+    with torch.inference_mode():
+        for _ in range(len(cached)):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert cached == ids[len(PROMPT):]
+    with torch.inference_mode():
+        full = model(torch.tensor([ids]))[0, len(PROMPT) - 1:-1]
+        from chatglm.cache import KVCache
+        cache = KVCache(model.config, 1, len(ids), "cpu", model.dtype)
+        model(torch.tensor([PROMPT[:5]]), cache=cache)
+        model(torch.tensor([PROMPT[5:]]), cache=cache)  # a chunked prefill continues the cache
+        steps = [model(torch.tensor([[t]]), cache=cache)[0, -1] for t in ids[len(PROMPT):-1]]
+    torch.testing.assert_close(torch.stack(steps), full[1:], atol=1e-4, rtol=1e-4)
+
+
+def test_batch_of_two_equals_each_alone(model_dir):
+    model = _load(model_dir)
+    a, b = PROMPT, list(reversed(PROMPT))
+    with torch.inference_mode():
+        both = model(torch.tensor([a, b]))
+        torch.testing.assert_close(both[0], model(torch.tensor([a]))[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(both[1], model(torch.tensor([b]))[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_and_float16_stay_close_to_float32(model_dir):
+    ref = _load(model_dir)(torch.tensor([PROMPT]))
+    for dtype in (torch.bfloat16, torch.float16):
+        got = _load(model_dir, dtype=dtype)(torch.tensor([PROMPT]))
+        assert got.dtype == torch.float32
+        rel = (got - ref).norm() / ref.norm()
+        assert rel < 0.05, (dtype, float(rel))
+
+
+def test_int4_is_close_to_float(model_dir):
+    ref = _load(model_dir)(torch.tensor([PROMPT]))
+    got = _load(model_dir, quantize=4)(torch.tensor([PROMPT]))
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+    assert 0.9 < cos < 1.0, float(cos)  # 4-bit codes on a 32-wide toy model: close, never identical
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 256, generator=g), torch.randn(64, 256, generator=g)
+    packed, scale = quantize_int4(w)
+    layer_rel = (x @ dequantize_int4(packed, scale).T - x @ w.T).norm() / (x @ w.T).norm()
+    assert layer_rel < 0.2, float(layer_rel)  # theory for gaussian rows: (absmax/7)/sqrt(12) ~ 0.14
+    model = quantize_module(_load(model_dir))
+    torch.testing.assert_close(model(torch.tensor([PROMPT])), got)
+
+
+def test_int4_nibble_order_matches_the_official_layout():
+    codes = torch.tensor([[1, -1, -8, 7], [0, 3, -7, -2]], dtype=torch.int8)
+    packed = pack_int4(codes)
+    # high nibble = even input column, low nibble = odd column, two's complement
+    assert packed.view(torch.uint8).tolist() == [[0x1F, 0x87], [0x03, 0x9E]]
+    assert torch.equal(unpack_int4(packed), codes)
+    every = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)
+    assert torch.equal(unpack_int4(pack_int4(every)), every)
+
+
+def test_quantize_follows_the_official_formula():
+    w = torch.randn(16, 32, dtype=torch.float16)
+    packed, scale = quantize_int4(w)
+    assert scale.dtype == torch.float16 and packed.shape == (16, 16)
+    torch.testing.assert_close(scale, (w.abs().amax(1) / 7).half())
+    assert unpack_int4(packed).abs().max() <= 7
+    err = (dequantize_int4(packed, scale) - w.float()).abs()
+    assert torch.all(err <= scale.float()[:, None] / 2 + 1e-3)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(model_dir):
+    model = _load(model_dir)
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=0)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return list(generate_ids(model, PROMPT, 16, params, (), 64, g))
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_top_k_one_equals_greedy(model_dir):
+    model = _load(model_dir)
+    params = SamplingParams(temperature=0.7, top_k=1, top_p=1.0)
+    sampled = list(generate_ids(model, PROMPT, 12, params, (), 64, torch.Generator().manual_seed(3)))
+    assert sampled == _greedy(model, PROMPT)
+
+
+def test_stop_ids_end_generation_and_are_not_yielded(model_dir):
+    model = _load(model_dir)
+    free = _greedy(model, PROMPT)
+    stop = free[4]
+    first = free.index(stop)
+    assert list(generate_ids(model, PROMPT, 12, SamplingParams(0.0), (stop,), 64)) == free[:first]
+
+
+def test_max_new_tokens_and_context_limits(model_dir):
+    model = _load(model_dir)
+    assert len(_greedy(model, PROMPT, n=5)) == 5
+    assert len(_greedy(model, PROMPT, n=100)) == 64 - len(PROMPT)  # clamped to what the context leaves
+    with pytest.raises(ContextLengthError, match="70 tokens but the context holds 64"):
+        _greedy(model, [5] * 70)
+
+
+def test_sampling_functions_are_pure_and_correct():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    before = logits.clone()
+    pen = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
+    assert pen.tolist() == [1.0, -2.0, 0.5, 3.0] and torch.equal(logits, before)
+    assert apply_top_k(logits, 2).tolist() == [2.0, float("-inf"), float("-inf"), 3.0]
+    probs = logits.softmax(-1)  # [0.259, 0.013, 0.058, 0.705]
+    kept = apply_top_p(logits, 0.8).isfinite().tolist()
+    assert kept == [True, False, False, True] and probs[3] < 0.8
+    assert apply_top_p(logits, 0.5).isfinite().tolist() == [False, False, False, True]
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=float("nan"))
