@@ -21,8 +21,6 @@ class SamplingParams:
         for name, value, lo, hi in checks:
             if not (lo <= value <= hi):  # also rejects NaN
                 raise ValueError(f"{name}={value!r} is out of range: allowed {lo} <= {name} <= {hi}")
-        if self.top_p == 0.0:
-            raise ValueError("top_p=0.0 is out of range: allowed 0 < top_p <= 1")
 
     @property
     def greedy(self) -> bool:
@@ -49,13 +47,14 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability mass reaches ``p``."""
+    """Keep the smallest set of most likely tokens whose probability mass reaches ``p`` (at least one)."""
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs
-    drop_sorted = mass_before >= p  # the first token is always kept
+    drop_sorted = mass_before >= p
+    drop_sorted[0] = False  # the most likely token is always kept (top_p=0 keeps only it)
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -1,0 +1,69 @@
+"""Cog predictor: inputs in, streamed text out. All model work lives in the chatglm package."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+from cog import BasePredictor, ConcatenateIterator, Input, current_scope
+
+from chatglm import GenerationStats, Pipeline
+from chatglm.inputs import build_request
+
+DEFAULT_WEIGHTS = "weights"
+MAX_SEED = 2**32 - 1
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        """Load the int4 model from $CHATGLM_WEIGHTS (default weights/) onto CUDA when present, else CPU."""
+        weights = os.environ.get("CHATGLM_WEIGHTS") or DEFAULT_WEIGHTS
+        started = time.perf_counter()
+        self.pipe = Pipeline.from_pretrained(weights, device="auto", quantize=4,
+                                             family=os.environ.get("CHATGLM_FAMILY") or None)
+        print(f"setup: {self.pipe.family} from {weights} in {time.perf_counter() - started:.1f} s")
+
+    def predict(
+        self,
+        prompt: str = Input(description="A user message, or a complete raw prompt in the model's own format "
+                            "('[Round 1]\\n\\n问：…\\n\\n答：' for ChatGLM2, '<|user|>' markers for ChatGLM3), "
+                            "used as-is.", default=""),
+        system_prompt: str = Input(description="System message (ChatGLM3). ChatGLM2 has no system role: "
+                                   "the text is put before the first user message.", default=""),
+        messages: str = Input(description="JSON list of {role, content} (roles system, user, assistant, "
+                              "observation; optional metadata): a whole conversation; replaces prompt.",
+                              default=""),
+        tools: str = Input(description="JSON list of tool definitions (ChatGLM3). A tool call comes back "
+                           "as one JSON chunk {\"tool_call\": {\"name\", \"arguments\"}}.", default=""),
+        max_tokens: int = Input(description="Maximum number of new tokens.", default=2048, ge=1, le=32768),
+        temperature: float = Input(description="Sampling temperature; 0 means greedy.", default=0.8,
+                                   ge=0.0, le=2.0),
+        top_p: float = Input(description="Nucleus sampling: keep the most likely tokens up to this "
+                             "probability mass.", default=0.8, ge=0.0, le=1.0),
+        top_k: int = Input(description="Keep only the k most likely tokens; 0 turns it off.", default=50,
+                           ge=0, le=65024),
+        repetition_penalty: float = Input(description="Penalty for tokens already present; 1 turns it "
+                                          "off.", default=1.0, ge=0.01, le=10.0),
+        stop_sequences: str = Input(description="Comma-separated texts that end the answer (not "
+                                    "included); or a JSON list of strings for texts with commas.", default=""),
+        seed: Optional[int] = Input(description="Random seed; the same seed and inputs give the same "
+                                    "output. Random when empty (the seed used is logged).", default=None,
+                                    ge=0, le=MAX_SEED),
+    ) -> ConcatenateIterator[str]:
+        request = build_request(self.pipe, prompt, system_prompt, messages, tools, stop_sequences)
+        stats = GenerationStats()
+        chunks = self.pipe.stream(request.messages, max_new_tokens=max_tokens, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                  stop_sequences=request.stop_sequences, stats=stats)
+        try:
+            for chunk in chunks:
+                yield chunk
+        finally:
+            print(f"seed: {stats.seed}; {stats.input_tokens} input tokens, {stats.output_tokens} output "
+                  f"tokens, stop: {stats.stop_reason or 'cancelled'}")
+            scope = current_scope()
+            scope.record_metric("input_token_count", stats.input_tokens)
+            scope.record_metric("output_token_count", stats.output_tokens)
+            if stats.time_to_first_token is not None:
+                scope.record_metric("time_to_first_token", stats.time_to_first_token)
+            scope.record_metric("tokens_per_second", stats.tokens_per_second)
