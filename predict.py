@@ -61,9 +61,18 @@ class Predictor(BasePredictor):
         finally:
             print(f"seed: {stats.seed}; {stats.input_tokens} input tokens, {stats.output_tokens} output "
                   f"tokens, stop: {stats.stop_reason or 'cancelled'}")
-            scope = current_scope()
-            scope.record_metric("input_token_count", stats.input_tokens)
-            scope.record_metric("output_token_count", stats.output_tokens)
-            if stats.time_to_first_token is not None:
-                scope.record_metric("time_to_first_token", stats.time_to_first_token)
-            scope.record_metric("tokens_per_second", stats.tokens_per_second)
+            _record_metrics(stats)
+
+
+def _record_metrics(stats: GenerationStats) -> None:
+    """Token counts and speed as Cog metrics; skipped when predict() runs outside a Cog prediction
+    (cog 0.16's current_scope() raises RuntimeError there, e.g. when a test calls predict())."""
+    try:
+        scope = current_scope()
+    except RuntimeError:
+        return
+    scope.record_metric("input_token_count", stats.input_tokens)
+    scope.record_metric("output_token_count", stats.output_tokens)
+    if stats.time_to_first_token is not None:
+        scope.record_metric("time_to_first_token", stats.time_to_first_token)
+    scope.record_metric("tokens_per_second", stats.tokens_per_second)

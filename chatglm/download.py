@@ -7,6 +7,7 @@ for fp16 models, converts it to int4 once so that the service loads int4 directl
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import shutil
 import tempfile
@@ -43,16 +44,26 @@ def download(repo_id: str, out_dir: str | Path = "weights", revision: str | None
         src = Path(snapshot_download(repo_id, revision=commit, local_dir=Path(tmp) / "src",
                                      allow_patterns=FILE_PATTERNS))
         config = ChatGLMConfig.from_json(src / "config.json")
-        if config.quantization_bit == 4 or not convert:
-            for f in src.iterdir():
-                if f.is_file():
-                    shutil.move(str(f), out_dir / f.name)
-        else:
+        ready = src
+        if config.quantization_bit != 4 and convert:
             print(f"converting {repo_id} to int4 (once, ahead of time) ...")
-            convert_to_int4(src, out_dir)
+            ready = convert_to_int4(src, Path(tmp) / "int4")
+        _remove_previous_download(out_dir)
+        for f in ready.iterdir():
+            if f.is_file():
+                shutil.move(str(f), out_dir / f.name)
     record = {"repo_id": repo_id, "revision": commit, "converted_to_int4": bool(convert and not config.quantization_bit)}
     (out_dir / "DOWNLOAD.json").write_text(json.dumps(record, indent=2) + "\n")
     return out_dir
+
+
+def _remove_previous_download(out_dir: Path) -> None:
+    """Delete the model files an earlier download left in ``out_dir`` (it holds one model): stale
+    weights would otherwise be loaded instead of, or mixed with, the new ones (safetensors win over
+    .bin). Other files are kept."""
+    for f in out_dir.iterdir():
+        if f.is_file() and any(fnmatch.fnmatch(f.name, pattern) for pattern in FILE_PATTERNS):
+            f.unlink()
 
 
 def main(argv: list[str] | None = None) -> None:
