@@ -68,12 +68,16 @@ def _remove_previous_download(out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m chatglm.download", description=__doc__.split("\n\n")[0])
-    ap.add_argument("repo_id", choices=sorted(PINNED_REVISIONS), help="official model repository")
+    ap.add_argument("repo_id", help=f"official model repository ({', '.join(PINNED_REVISIONS)}; "
+                    "others need --revision)")
     ap.add_argument("--out", default="weights", help="target directory (default: weights/)")
     ap.add_argument("--revision", default=None, help="commit, branch or tag (default: pinned)")
     ap.add_argument("--keep-fp16", action="store_true", help="do not convert an fp16 model to int4")
     args = ap.parse_args(argv)
-    print(download(args.repo_id, args.out, args.revision, convert=not args.keep_fp16))
+    try:
+        print(download(args.repo_id, args.out, args.revision, convert=not args.keep_fp16))
+    except ValueError as exc:
+        ap.error(str(exc))
 
 
 if __name__ == "__main__":

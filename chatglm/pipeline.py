@@ -35,7 +35,8 @@ class GenerationStats:
     output_tokens: int = 0
     time_to_first_token: float | None = None
     decode_seconds: float = 0.0
-    stop_reason: str = ""  # "stop_token", "max_tokens", "stop_sequence", "context_full"
+    stop_reason: str = ""  # "stop_token", "max_tokens", "stop_sequence", "context_full", "" if cancelled
+    token_budget: int = 0  # max_new_tokens after clamping to what the context leaves
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -117,6 +118,7 @@ class Pipeline:
         generator = torch.Generator().manual_seed(seed)
         if stats is not None:
             stats.seed, stats.input_tokens = seed, len(input_ids)
+            stats.token_budget = min(max_new_tokens, self.max_context - len(input_ids))
         return generate_ids(self.model, input_ids, max_new_tokens, params, self.stop_ids, self.max_context,
                             generator, vocab_limit=self.tokenizer.vocab_size)
 
@@ -124,7 +126,8 @@ class Pipeline:
                top_p: float = 0.8, top_k: int = 50, repetition_penalty: float = 1.0, seed: int | None = None,
                stop_sequences: Sequence[str] = (), stats: GenerationStats | None = None) -> Iterator[str]:
         """Text deltas of the assistant's reply to ``messages``; never a broken or dropped character.
-        A ChatGLM3 tool call arrives as one JSON chunk ``{"tool_call": {...}}`` at the end."""
+        A ChatGLM3 tool call arrives as one JSON chunk ``{"tool_call": {...}}`` at the end (stop
+        sequences apply to text, not to that chunk)."""
         input_ids = self.build_input_ids(messages)
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
         stats = stats if stats is not None else GenerationStats()
@@ -152,13 +155,16 @@ class Pipeline:
                 if hit:
                     stats.stop_reason = "stop_sequence"
                     return
-            stats.stop_reason = "max_tokens" if stats.output_tokens >= max_new_tokens else "stop_token"
+            stats.stop_reason = ("max_tokens" if stats.output_tokens >= max_new_tokens else
+                                 "context_full" if stats.output_tokens >= stats.token_budget else "stop_token")
             tail, hit = matcher.push(reply.push(decoder.flush()) + reply.finish())
             if hit:
                 stats.stop_reason = "stop_sequence"
             tail += "" if hit else matcher.flush()
             if tail:
                 yield tail
+            if reply.tool_call is not None and not hit:
+                yield reply.tool_call
         finally:
             close = getattr(ids, "close", None)
             if close is not None:

@@ -41,6 +41,10 @@ def parse_tool_call(code: str) -> dict[str, Any]:
     return args
 
 
+MAX_METADATA_CHARS = 100
+"""A first line longer than this is not a tool name: the text is streamed as an ordinary answer."""
+
+
 class PlainReply:
     """ChatGLM2: the generated text is the reply (leading whitespace dropped, like the official chat)."""
 
@@ -56,20 +60,26 @@ class PlainReply:
     def finish(self) -> str:
         return ""
 
+    tool_call: str | None = None
+
 
 class Chatglm3Reply:
     """ChatGLM3: hold text until the metadata line ends; an empty one starts a streamed answer, a
-    tool name starts a tool call that is returned whole by :meth:`finish` as one JSON chunk."""
+    tool name starts a tool call that :meth:`finish` turns into one JSON string in ``tool_call``."""
 
     def __init__(self):
         self._head = ""
         self._mode: str | None = None  # None (reading metadata), "text" or "tool"
         self._answer = PlainReply()
+        self.tool_call: str | None = None
 
     def push(self, text: str) -> str:
         if self._mode == "text":
             return self._answer.push(text)
         self._head += text
+        if self._mode is None and "\n" not in self._head and len(self._head) > MAX_METADATA_CHARS:
+            self._mode, head, self._head = "text", self._head, ""
+            return self._answer.push(head)
         if self._mode == "tool" or "\n" not in self._head:
             return ""
         metadata, rest = self._head.split("\n", 1)
@@ -80,6 +90,7 @@ class Chatglm3Reply:
         return self._answer.push(rest)
 
     def finish(self) -> str:
+        """Text still held at the end of the stream; a tool call is left in ``tool_call`` instead."""
         if self._mode == "text":
             return ""
         if self._mode is None:
@@ -90,4 +101,5 @@ class Chatglm3Reply:
             call["arguments"] = parse_tool_call(content)
         except ToolCallParseError:
             call["content"] = content.strip()
-        return json.dumps({"tool_call": call}, ensure_ascii=False)
+        self.tool_call = json.dumps({"tool_call": call}, ensure_ascii=False)
+        return ""

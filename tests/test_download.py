@@ -217,7 +217,7 @@ def test_download_command_line(hub: FakeHub, chatglm2_dir: Path, tmp_path: Path,
     with pytest.raises(SystemExit) as info:
         main(["someone/model", "--out", str(tmp_path / "x")])
     assert info.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert "no pinned revision; pass --revision" in capsys.readouterr().err
 
 
 def test_download_subprocess_reads_hf_endpoint(chatglm2_dir: Path, tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def _reply_chunks(text: str, pieces: list[str]) -> list[str]:
     from chatglm.reply import Chatglm3Reply
 
     reply = Chatglm3Reply()
-    out = [reply.push(p) for p in pieces] + [reply.finish()]
+    out = [reply.push(p) for p in pieces] + [reply.finish(), reply.tool_call]
     assert "".join(pieces) == text
     return [c for c in out if c]
 
@@ -262,8 +262,6 @@ def test_answer_is_cut_where_the_context_ends(short_context_predictor: Any) -> N
     assert predict_text(short_context_predictor, prompt="你好", max_tokens=100, temperature=1.0, seed=4) == text
 
 
-@pytest.mark.xfail(strict=True, reason="Pipeline._stream_text never sets stop_reason 'context_full': a reply "
-                   "cut by the context end is logged as 'stop_token' (chatglm/pipeline.py)")
 def test_context_full_stop_reason(short_context_predictor: Any) -> None:
     _, stats = _fill_the_context(short_context_predictor)
     assert stats.stop_reason == "context_full"
