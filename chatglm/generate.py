@@ -11,6 +11,8 @@ from .model import ChatGLMForConditionalGeneration
 from .sampling import SamplingParams, select_token
 
 log = logging.getLogger(__name__)
+PREFILL_CHUNK = 2048
+"""Prompts are processed in chunks of this many tokens: activation memory stays bounded for 32K prompts."""
 
 
 class ContextLengthError(ValueError):
@@ -50,7 +52,10 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
     produced: list[int] = []
     try:
         with torch.inference_mode():
-            x = torch.tensor([input_ids], dtype=torch.long, device=device)
+            for s in range(0, len(input_ids) - PREFILL_CHUNK, PREFILL_CHUNK):
+                model(torch.tensor([input_ids[s:s + PREFILL_CHUNK]], device=device), cache=cache, last_only=True)
+            tail = input_ids[(len(input_ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:]
+            x = torch.tensor([tail], dtype=torch.long, device=device)
             for _ in range(max_new_tokens):
                 logits = model(x, cache=cache, last_only=True)[0, -1].float().cpu()
                 if vocab_limit is not None and vocab_limit < logits.numel():

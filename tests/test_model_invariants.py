@@ -149,3 +149,12 @@ def test_sampling_functions_are_pure_and_correct():
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=float("nan"))
+
+
+def test_chunked_prefill_equals_one_pass(model_dir, monkeypatch):
+    from chatglm import generate
+
+    model = _load(model_dir)
+    whole = _greedy(model, PROMPT)
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 5)  # 12-token prompt: chunks of 5, 5 and 2
+    assert _greedy(model, PROMPT) == whole
