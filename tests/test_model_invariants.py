@@ -158,3 +158,22 @@ def test_chunked_prefill_equals_one_pass(model_dir, monkeypatch):
     whole = _greedy(model, PROMPT)
     monkeypatch.setattr(generate, "PREFILL_CHUNK", 5)  # 12-token prompt: chunks of 5, 5 and 2
     assert _greedy(model, PROMPT) == whole
+
+
+def test_fast_int4_backend_stays_close_to_the_reference(model_dir):
+    from chatglm.kernels import cpu_int4
+    from chatglm.kernels.dispatch import prepare_model
+
+    if not cpu_int4.is_available():
+        pytest.skip("torch's CPU int4 kernel is not available on this machine")
+    ref = _load(model_dir, quantize=4)  # float32: the reference dequantize-then-matmul backend
+    assert prepare_model(ref) == "reference"
+    fast = _load(model_dir, quantize=4, dtype=torch.bfloat16)
+    slow = _load(model_dir, quantize=4, dtype=torch.bfloat16)
+    assert prepare_model(fast) == "cpu-int4" and prepare_model(slow, "reference") == "reference"
+    ids = torch.tensor([PROMPT * 6])  # 72 rows: the prefill (int8 GEMM) path; decode steps use the kernel
+    with torch.inference_mode():
+        want, got, bf16_ref = ref(ids), fast(ids), slow(ids)
+    assert (got - want).norm() / want.norm() < 0.03
+    assert (got - want).norm() <= 2 * (bf16_ref - want).norm() + 1e-3  # no worse than bf16 itself
+    assert _greedy(fast, PROMPT) == _greedy(slow, PROMPT)
