@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton fixes its mode when triton.language is first imported (anything may import it), so the
+    # CPU interpreter that checks the GPU kernels is switched on before any test module loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
