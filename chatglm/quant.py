@@ -85,23 +85,9 @@ def int4_layer_names(model: nn.Module) -> list[str]:
             if isinstance(mod, (nn.Linear, Int4Linear)) and name.endswith(QUANTIZED_LINEARS)]
 
 
-def swap_to_int4(model: nn.Module) -> nn.Module:
-    """Replace the encoder's linears by empty :class:`Int4Linear` modules (same device and float dtype),
-    without touching the model definition. Weights are filled by the loader or :func:`quantize_module`."""
-    for name in int4_layer_names(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        if isinstance(old, Int4Linear):
-            continue
-        dtype = old.weight.dtype if old.weight.is_floating_point() else None
-        setattr(parent, child, Int4Linear(old.in_features, old.out_features, old.bias is not None,
-                                          device=old.weight.device, dtype=dtype))
-    return model
-
-
-def quantize_module(model: nn.Module) -> nn.Module:
-    """Quantize a float model in place: each encoder linear becomes an :class:`Int4Linear`."""
+def _swap_linears(model: nn.Module, fill: bool) -> nn.Module:
+    """Replace each encoder nn.Linear by an Int4Linear on the same device; ``fill`` quantizes the
+    float weight into it, otherwise it stays empty for a loader."""
     for name in int4_layer_names(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -110,8 +96,20 @@ def quantize_module(model: nn.Module) -> nn.Module:
             continue
         new = Int4Linear(old.in_features, old.out_features, old.bias is not None,
                          device=old.weight.device, dtype=old.weight.dtype)
-        new.weight, new.weight_scale = quantize_int4(old.weight)
-        if old.bias is not None:
-            new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
+        if fill:
+            new.weight, new.weight_scale = quantize_int4(old.weight)
+            if old.bias is not None:
+                new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
         setattr(parent, child, new)
     return model
+
+
+def swap_to_int4(model: nn.Module) -> nn.Module:
+    """Replace the encoder's linears by empty :class:`Int4Linear` modules (same device and float dtype),
+    without touching the model definition. Weights are filled by the loader."""
+    return _swap_linears(model, fill=False)
+
+
+def quantize_module(model: nn.Module) -> nn.Module:
+    """Quantize a float model in place: each encoder linear becomes an :class:`Int4Linear`."""
+    return _swap_linears(model, fill=True)
