@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from cog import BasePredictor, ConcatenateIterator, Input, current_scope
 
@@ -12,12 +12,19 @@ from chatglm.inputs import build_request
 
 DEFAULT_WEIGHTS = "weights"
 MAX_SEED = 2**32 - 1
+# Temperatures this small already pick the most likely token; dividing float32 logits by one below
+# about 1e-38 overflows to inf and sampling fails ("probability tensor contains either inf, nan").
+GREEDY_BELOW = 1e-5
 
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
         """Load the int4 model from $CHATGLM_WEIGHTS (default weights/) onto CUDA when present, else CPU."""
         weights = os.environ.get("CHATGLM_WEIGHTS") or DEFAULT_WEIGHTS
+        if not os.path.isdir(weights):
+            raise FileNotFoundError(f"model directory {os.path.abspath(weights)} (CHATGLM_WEIGHTS={weights!r}) "
+                                    "does not exist; fill it with `python -m chatglm.download <repo>` "
+                                    "(see the README)")
         started = time.perf_counter()
         self.pipe = Pipeline.from_pretrained(weights, device="auto", quantize=4,
                                              family=os.environ.get("CHATGLM_FAMILY") or None)
@@ -36,7 +43,7 @@ class Predictor(BasePredictor):
         tools: str = Input(description="JSON list of tool definitions (ChatGLM3). A tool call comes back "
                            "as one JSON chunk {\"tool_call\": {\"name\", \"arguments\"}}.", default=""),
         max_tokens: int = Input(description="Maximum number of new tokens.", default=2048, ge=1, le=32768),
-        temperature: float = Input(description="Sampling temperature; 0 means greedy.", default=0.8,
+        temperature: float = Input(description="Sampling temperature; 0 (or below 1e-5) means greedy.", default=0.8,
                                    ge=0.0, le=2.0),
         top_p: float = Input(description="Nucleus sampling: keep the most likely tokens up to this "
                              "probability mass.", default=0.8, ge=0.0, le=1.0),
@@ -50,6 +57,12 @@ class Predictor(BasePredictor):
                                     "output. Random when empty (the seed used is logged).", default=None,
                                     ge=0, le=MAX_SEED),
     ) -> ConcatenateIterator[str]:
+        prompt, system_prompt, messages, tools, stop_sequences = (
+            _given(v) for v in (prompt, system_prompt, messages, tools, stop_sequences))
+        max_tokens, temperature, top_p, top_k, repetition_penalty, seed = (
+            _given(v) for v in (max_tokens, temperature, top_p, top_k, repetition_penalty, seed))
+        if temperature < GREEDY_BELOW:
+            temperature = 0.0
         request = build_request(self.pipe, prompt, system_prompt, messages, tools, stop_sequences)
         stats = GenerationStats()
         chunks = self.pipe.stream(request.messages, max_new_tokens=max_tokens, temperature=temperature,
@@ -59,9 +72,22 @@ class Predictor(BasePredictor):
             for chunk in chunks:
                 yield chunk
         finally:
+            # A cancelled or failed prediction ends here; closing the stream now stops generation and
+            # frees the KV cache at once instead of whenever the abandoned generator is collected.
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
             print(f"seed: {stats.seed}; {stats.input_tokens} input tokens, {stats.output_tokens} output "
                   f"tokens, stop: {stats.stop_reason or 'cancelled'}")
             _record_metrics(stats)
+
+
+def _given(value: Any) -> Any:
+    """The value of an input, or its default when it arrives as its ``Input(...)`` object: cog 0.16
+    calls predict() without arguments for a request with no "input" (or ``"input": null``)."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return getattr(value, "default", value)
 
 
 def _record_metrics(stats: GenerationStats) -> None:

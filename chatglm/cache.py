@@ -1,9 +1,39 @@
-"""A static key/value cache: allocated once per request at the size the request needs."""
+"""A static key/value cache: allocated once per request at the size the request needs.
+
+Every cache is counted while it is alive (from allocation until :meth:`KVCache.release`, or until it
+is garbage-collected): :func:`cache_usage` reports the live count and bytes and the capacity of the
+most recent allocation, so tests and operators can see that a finished or cancelled request freed
+its cache and that each request got only the room it needed."""
 from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
 
 import torch
 
 from .config import ChatGLMConfig
+
+_lock = threading.RLock()  # re-entrant: release() may run from __del__ while the lock is held
+_live = 0
+_live_bytes = 0
+_allocated = 0
+_last_capacity = 0
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    """A snapshot of the KV cache counters (process-wide)."""
+
+    live: int  # caches allocated and not yet released
+    live_bytes: int  # their key + value bytes
+    allocated: int  # caches ever allocated
+    last_capacity: int  # token capacity of the most recent allocation (0 before the first)
+
+
+def cache_usage() -> CacheUsage:
+    """The current counters."""
+    with _lock:
+        return CacheUsage(_live, _live_bytes, _allocated, _last_capacity)
 
 
 class KVCache:
@@ -11,6 +41,8 @@ class KVCache:
 
     def __init__(self, cfg: ChatGLMConfig, batch: int, capacity: int, device: torch.device | str,
                  dtype: torch.dtype):
+        global _live, _live_bytes, _allocated, _last_capacity
+        self.released = True  # until the tensors exist, so a failed allocation is never counted
         if capacity <= 0:
             raise ValueError(f"KV cache capacity must be positive, got {capacity}")
         shape = (cfg.num_layers, batch, cfg.multi_query_group_num, capacity, cfg.kv_channels)
@@ -18,12 +50,35 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.capacity = capacity
         self.length = 0
+        self._nbytes = self.k.numel() * self.k.element_size() * 2
+        with _lock:
+            _live += 1
+            _live_bytes += self._nbytes
+            _allocated += 1
+            _last_capacity = capacity
+            self.released = False
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return self._nbytes
+
+    def release(self) -> None:
+        """Free the key/value tensors now (idempotent); the cache cannot be used afterwards."""
+        global _live, _live_bytes
+        with _lock:
+            if self.released:
+                return
+            self.released = True
+            _live -= 1
+            _live_bytes -= self._nbytes
+        del self.k, self.v
+
+    def __del__(self) -> None:
+        self.release()
 
     def reserve(self, n: int) -> None:
+        if self.released:
+            raise RuntimeError("KV cache used after release()")
         if self.length + n > self.capacity:
             raise ValueError(f"KV cache full: {self.length} cached + {n} new tokens > capacity {self.capacity}")
 

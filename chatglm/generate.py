@@ -68,4 +68,4 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
                 yield token
                 x = torch.tensor([[token]], dtype=torch.long, device=device)
     finally:
-        del cache
+        cache.release()
