@@ -12,9 +12,6 @@ from chatglm.inputs import build_request
 
 DEFAULT_WEIGHTS = "weights"
 MAX_SEED = 2**32 - 1
-# Temperatures this small already pick the most likely token; dividing float32 logits by one below
-# about 1e-38 overflows to inf and sampling fails ("probability tensor contains either inf, nan").
-GREEDY_BELOW = 1e-5
 
 
 class Predictor(BasePredictor):
@@ -61,8 +58,6 @@ class Predictor(BasePredictor):
             _given(v) for v in (prompt, system_prompt, messages, tools, stop_sequences))
         max_tokens, temperature, top_p, top_k, repetition_penalty, seed = (
             _given(v) for v in (max_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-        if temperature < GREEDY_BELOW:
-            temperature = 0.0
         request = build_request(self.pipe, prompt, system_prompt, messages, tools, stop_sequences)
         stats = GenerationStats()
         chunks = self.pipe.stream(request.messages, max_new_tokens=max_tokens, temperature=temperature,

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 import torch
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; repetition_penalty 1 = off."""
@@ -24,7 +27,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, sampling already picks the most likely token, and dividing float32 logits by a
+        # temperature under ~1e-38 overflows to inf: such temperatures are greedy.
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -60,3 +60,26 @@ def chatglm2_dir(tmp_path_factory) -> Path:
 def chatglm3_dir(tmp_path_factory) -> Path:
     """The tiny sharded fp16 ChatGLM3-32K fixture model with tokenizer.model beside it."""
     return copy_fixture_model("chatglm3-32k-tiny", tmp_path_factory.mktemp("chatglm3-32k-tiny"))
+
+
+@pytest.fixture(scope="module")
+def predictor2(chatglm2_dir: Path):
+    """A set-up Predictor on the tiny ChatGLM2 fixture."""
+    from tests.predict_helpers import make_predictor
+    return make_predictor(chatglm2_dir)
+
+
+@pytest.fixture(scope="module")
+def predictor3(chatglm3_dir: Path):
+    """A set-up Predictor on the tiny ChatGLM3-32K fixture."""
+    from tests.predict_helpers import make_predictor
+    return make_predictor(chatglm3_dir)
+
+
+@pytest.fixture(scope="module")
+def webhooks():
+    """A webhook receiver on 127.0.0.1 for async predictions."""
+    from tests.cogserver import WebhookReceiver
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.stop()

@@ -35,13 +35,6 @@ def server(chatglm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture(scope="module")
-def webhooks() -> Iterator[WebhookReceiver]:
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.stop()
-
-
-@pytest.fixture(scope="module")
 def reference2(chatglm2_dir: Path) -> Any:
     return make_predictor(chatglm2_dir)
 

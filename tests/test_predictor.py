@@ -19,16 +19,6 @@ HELLO = [{"role": "user", "content": "你好"}]
 DEFAULT_SAMPLING = {k: v for k, v in predict_defaults().items() if k in ("top_p", "top_k", "repetition_penalty")}
 
 
-@pytest.fixture(scope="module")
-def predictor2(chatglm2_dir: Path) -> Any:
-    return make_predictor(chatglm2_dir)
-
-
-@pytest.fixture(scope="module")
-def predictor3(chatglm3_dir: Path) -> Any:
-    return make_predictor(chatglm3_dir)
-
-
 @pytest.fixture(params=["chatglm2", "chatglm3"])
 def predictor(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue("predictor2" if request.param == "chatglm2" else "predictor3")

@@ -33,16 +33,6 @@ LONG_CJK = ("天地玄黄宇宙洪荒日月盈昃辰宿列张寒来暑往秋收�
 
 
 @pytest.fixture(scope="module")
-def predictor2(chatglm2_dir: Path) -> Any:
-    return make_predictor(chatglm2_dir)
-
-
-@pytest.fixture(scope="module")
-def predictor3(chatglm3_dir: Path) -> Any:
-    return make_predictor(chatglm3_dir)
-
-
-@pytest.fixture(scope="module")
 def short2(chatglm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The ChatGLM2 fixture with a 64-token context."""
     return make_predictor(short_context_copy(chatglm2_dir, tmp_path_factory.mktemp("chatglm2-ctx64"), 64))
@@ -517,13 +507,6 @@ def server(chatglm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield srv
     finally:
         srv.stop()
-
-
-@pytest.fixture(scope="module")
-def webhooks() -> Iterator[WebhookReceiver]:
-    receiver = WebhookReceiver()
-    yield receiver
-    receiver.stop()
 
 
 @pytest.fixture(scope="module")
