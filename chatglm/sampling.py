@@ -66,10 +66,18 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def select_token(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor,
                  generator: torch.Generator | None = None) -> int:
-    """Pick the next token id from ``logits [vocab]`` (CPU float32). Greedy when temperature is 0."""
+    """Pick the next token id from ``logits [vocab]`` (CPU float32). Greedy when temperature is 0.
+
+    With ``top_k`` on, top-p and the draw run on the top-k candidates only (ties at the k-th value
+    included), the same distribution as filtering the whole vocabulary, at a fraction of the cost."""
     logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    ids = None
+    if 0 < params.top_k < logits.numel():
+        threshold = torch.topk(logits, params.top_k).values[-1]
+        ids = torch.nonzero(logits >= threshold).flatten()
+        logits = logits[ids]
+    logits = apply_top_p(logits / params.temperature, params.top_p)
+    choice = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    return choice if ids is None else int(ids[choice])

@@ -151,6 +151,24 @@ def test_sampling_functions_are_pure_and_correct():
         SamplingParams(top_p=float("nan"))
 
 
+def test_top_k_candidates_sample_the_fully_filtered_distribution():
+    from chatglm.sampling import select_token
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, generator=gen) * 2
+    logits[[10, 11]] = logits.max() + 1  # a tie at the top
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=7)
+    want = apply_top_p(apply_top_k(logits / 0.7, 7), 0.9).softmax(-1)
+    draws = torch.tensor([select_token(logits, params, torch.empty(0, dtype=torch.long), gen) for _ in range(4000)])
+    freq = torch.bincount(draws, minlength=300).float() / len(draws)
+    assert set(draws.tolist()) <= set(torch.nonzero(want).flatten().tolist())
+    assert (freq - want).abs().max() < 0.03
+    tie = torch.zeros(50)
+    tie[5] = 1.0  # top_k=2 keeps 5 and every id tied at the 2nd value
+    picks = {select_token(tie, SamplingParams(temperature=1.0, top_p=1.0, top_k=2), torch.empty(0), gen)
+             for _ in range(400)}
+    assert 5 in picks and len(picks) > 10
+
+
 def test_chunked_prefill_equals_one_pass(model_dir, monkeypatch):
     from chatglm import generate
 
