@@ -1,4 +1,5 @@
-"""A static key/value cache: allocated once per request at the size the request needs.
+"""A static key/value cache: allocated once per request at the size the request needs (or, for the
+CUDA-graph decoder of :mod:`chatglm.graph`, once per capacity bucket and reused across requests).
 
 Every cache is counted while it is alive (from allocation until :meth:`KVCache.release`, or until it
 is garbage-collected): :func:`cache_usage` reports the live count and bytes and the capacity of the
@@ -91,3 +92,22 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def write_at(self, layer: int, position: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one token's ``k, v [B, G, 1, D]`` at ``position`` (long ``[1]``, a device tensor, so
+        the write needs no host value) and return the whole capacity ``[B, G, capacity, D]``.
+        ``length`` is left to the caller."""
+        keys, values = self.k[layer], self.v[layer]
+        keys.index_copy_(2, position, k)
+        values.index_copy_(2, position, v)
+        return keys, values
+
+    def reset(self) -> None:
+        """Empty the cache for a new sequence: length 0 and every key and value zeroed, so that
+        positions a static step masks out hold finite numbers (0 * NaN would poison attention)."""
+        if self.released:
+            raise RuntimeError("KV cache used after release()")
+        self.length = 0
+        self.k.zero_()
+        self.v.zero_()

@@ -7,6 +7,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .cache import KVCache
+from .graph import decoder_pool
 from .model import ChatGLMForConditionalGeneration
 from .sampling import SamplingParams, select_token
 
@@ -29,11 +30,16 @@ def check_prompt_length(n_prompt: int, max_context: int) -> None:
 
 def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], max_new_tokens: int,
                  params: SamplingParams, stop_ids: Iterable[int], max_context: int,
-                 generator: torch.Generator | None = None, vocab_limit: int | None = None) -> Iterator[int]:
+                 generator: torch.Generator | None = None, vocab_limit: int | None = None,
+                 static: bool | None = None) -> Iterator[int]:
     """Yield new token ids until a stop id (not yielded), ``max_new_tokens``, or the context is full.
 
     ``vocab_limit`` masks ids at and above it (the padding rows of the output layer are not tokens).
-    The KV cache is sized for this request (prompt + new tokens) and freed when the generator ends.
+    The prompt is prefilled eagerly; decode steps then run either the dynamic path over a KV cache
+    sized for this request (prompt + new tokens) and freed when the generator ends, or, with
+    ``static`` (default: on CUDA), the static step of :mod:`chatglm.graph` (a CUDA graph where it can
+    be captured, otherwise the same step eagerly) over its capacity bucket's cache, which the model's
+    decoder pool keeps for the next request. Both give the same tokens up to float rounding.
     """
     check_prompt_length(len(input_ids), max_context)
     if max_new_tokens < 0:
@@ -47,7 +53,13 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
         return
     stops = set(stop_ids)
     device = model.device
-    cache = KVCache(model.config, 1, len(input_ids) + max_new_tokens, device, model.dtype)
+    decoder = None
+    if static if static is not None else device.type == "cuda":
+        decoder = decoder_pool(model).acquire(1, len(input_ids) + max_new_tokens)
+    if decoder is not None:
+        cache = decoder.cache
+    else:
+        cache = KVCache(model.config, 1, len(input_ids) + max_new_tokens, device, model.dtype)
     history = torch.tensor(input_ids, dtype=torch.long)
     produced: list[int] = []
     try:
@@ -55,9 +67,9 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
             for s in range(0, len(input_ids) - PREFILL_CHUNK, PREFILL_CHUNK):
                 model(torch.tensor([input_ids[s:s + PREFILL_CHUNK]], device=device), cache=cache, last_only=True)
             tail = input_ids[(len(input_ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:]
-            x = torch.tensor([tail], dtype=torch.long, device=device)
-            for _ in range(max_new_tokens):
-                logits = model(x, cache=cache, last_only=True)[0, -1].float().cpu()
+            logits = model(torch.tensor([tail], dtype=torch.long, device=device), cache=cache, last_only=True)[0, -1]
+            while True:
+                logits = logits.float().cpu()
                 if vocab_limit is not None and vocab_limit < logits.numel():
                     logits[vocab_limit:] = float("-inf")
                 previous = torch.cat((history, torch.tensor(produced, dtype=torch.long)))
@@ -66,6 +78,15 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
                     return
                 produced.append(token)
                 yield token
+                if len(produced) == max_new_tokens:
+                    return
                 x = torch.tensor([[token]], dtype=torch.long, device=device)
+                if decoder is not None:
+                    logits = decoder.step(x)[0]
+                else:
+                    logits = model(x, cache=cache, last_only=True)[0, -1]
     finally:
-        cache.release()
+        if decoder is not None:
+            decoder_pool(model).give_back(decoder)
+        else:
+            cache.release()

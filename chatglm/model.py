@@ -4,6 +4,7 @@ name-for-name mapping. Linear layers are plain ``nn.Linear``; quantization swaps
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,14 @@ class RotaryEmbedding(nn.Module):
         return cos_t[start:start + length], sin_t[start:start + length]
 
 
+class StaticStep(NamedTuple):
+    """Where a static decode step writes (``position``, long ``[1]``) and what it attends to
+    (``mask``, bool ``[1, 1, 1, capacity]``), both on the model's device."""
+
+    position: torch.Tensor
+    mask: torch.Tensor
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of ``x[..., :2*cos.shape[-1]]`` (x ``[B, heads, S, D]``) in float32."""
     rot_dim = 2 * cos.shape[-1]
@@ -68,7 +77,7 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, static: StaticStep | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         qkv = self.query_key_value(x)
         q_size, kv_size = self.heads * self.head_dim, self.groups * self.head_dim
@@ -77,6 +86,8 @@ class SelfAttention(nn.Module):
         k = k.view(B, S, self.groups, self.head_dim).transpose(1, 2)  # [B, G, S, D]
         v = v.view(B, S, self.groups, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if static is not None:
+            return self.dense(self._attend_static(q, k, v, cache, layer, static))
         start = 0
         if cache is not None:
             start = cache.length
@@ -91,6 +102,19 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              scale=1.0 / math.sqrt(self.head_dim), enable_gqa=True)
         return self.dense(out.transpose(1, 2).reshape(B, S, q_size))
+
+    def _attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
+                       static: StaticStep) -> torch.Tensor:
+        """One new token per row: write ``k, v`` at ``static.position`` and attend over the whole
+        capacity under ``static.mask``. The query heads of a group become that group's query rows
+        (head ``h`` reads group ``h // (heads/groups)``, as with ``enable_gqa``), so keys and values
+        are read once and never repeated per head."""
+        B = q.shape[0]
+        k_all, v_all = cache.write_at(layer, static.position, k, v)  # [B, G, capacity, D]
+        q = q.reshape(B, self.groups, self.heads // self.groups, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=static.mask,
+                                             scale=1.0 / math.sqrt(self.head_dim))
+        return out.reshape(B, 1, self.heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -113,8 +137,8 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None,
-                layer: int) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), rope, cache, layer)
+                layer: int, static: StaticStep | None = None) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), rope, cache, layer, static)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -178,4 +202,24 @@ class ChatGLMForConditionalGeneration(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = t.encoder.final_layernorm(x)
+        return t.output_layer(x).float()
+
+    def decode_static(self, input_ids: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step whose shapes do not depend on the position: ``input_ids [B, 1]`` are
+        written into ``cache`` at ``position`` (long ``[1]`` on the model's device, the same for every
+        row) and attend to cache positions ``<= position``; returns float32 logits ``[B, vocab]``.
+
+        No host synchronisation and no branch on tensor values, so a CUDA graph can capture it. The
+        cache's ``length`` is not read or advanced here: the caller keeps it (see chatglm.graph).
+        Positions after ``position`` must hold finite values (a zeroed cache does)."""
+        t = self.transformer
+        device = input_ids.device
+        cos_t, sin_t = t.rotary_pos_emb.tables(cache.capacity, device)
+        rope = cos_t.index_select(0, position), sin_t.index_select(0, position)  # [1, rot_dim/2]
+        mask = (torch.arange(cache.capacity, device=device) <= position).view(1, 1, 1, -1)
+        static = StaticStep(position, mask)
+        x = t.embedding(input_ids)
+        for i, layer in enumerate(t.encoder.layers):
+            x = layer(x, rope, cache, i, static)
+        x = t.encoder.final_layernorm(x[:, -1])
         return t.output_layer(x).float()
