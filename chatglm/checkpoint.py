@@ -3,8 +3,10 @@
 Supported layouts (as published): ``pytorch_model.bin``; ``pytorch_model-0000k-of-0000n.bin`` with
 ``pytorch_model.bin.index.json``; ``model.safetensors``; sharded safetensors with
 ``model.safetensors.index.json``. ``.bin`` files are read with ``torch.load(weights_only=True,
-mmap=True)``: pickled code is refused, never executed. The model is built on the meta device and
-filled tensor by tensor, so no second full copy of the weights is made.
+mmap=True)``: pickled code is refused, never executed. Safetensors files are read tensor by tensor
+(:mod:`chatglm.safetensors_read`), the fast and lean path that ``python -m chatglm.download`` leaves.
+The model is built on the meta device and filled tensor by tensor, so no second full copy of the
+weights is made.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import nn
 from .config import ChatGLMConfig
 from .model import ChatGLMForConditionalGeneration
 from .quant import Int4Linear, quantize_int4, swap_to_int4
+from .safetensors_read import SafetensorsFormatError, iter_safetensors, read_header
 
 IGNORED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)
 DOWNLOAD_HINT = "fill the directory with `python -m chatglm.download <repo>` (see the README)"
@@ -87,12 +90,10 @@ def iter_tensors(files: WeightFiles) -> Iterator[tuple[str, torch.Tensor, Path]]
         if files.kind == "bin":
             yield from ((k, v, path) for k, v in _read_bin(path).items())
             continue
-        from safetensors import SafetensorError, safe_open
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key), path
-        except SafetensorError as exc:
+            for key, tensor in iter_safetensors(path):
+                yield key, tensor, path
+        except (SafetensorsFormatError, OSError) as exc:
             raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}; "
                                   f"re-download it: {DOWNLOAD_HINT}") from None
 
@@ -116,11 +117,9 @@ def stored_keys(files: WeightFiles) -> list[str]:
 
 
 def _safetensors_keys(path: Path) -> Iterator[tuple[str, None, Path]]:
-    from safetensors import SafetensorError, safe_open
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError) as exc:
+        keys = list(read_header(path)[1])
+    except (SafetensorsFormatError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}; "
                               f"re-download it: {DOWNLOAD_HINT}") from None
     return ((k, None, path) for k in keys)

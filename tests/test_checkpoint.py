@@ -122,3 +122,32 @@ def test_config_reads_official_keys():
         (32, 2, 48, 50.0, 4)
     assert ChatGLMConfig.from_dict(tiny_config()).rope_ratio == 1.0
     assert cfg.qkv_out_features == (4 + 2 * 2) * 8
+
+
+def test_safetensors_reader_matches_the_library_and_refuses_malformed_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from chatglm.safetensors_read import SafetensorsFormatError, iter_safetensors, read_header
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.f16": torch.randn(3, 5, generator=g).half(), "b.bf16": torch.randn(7, generator=g).bfloat16(),
+               "c.i8": torch.randint(-128, 128, (4, 6), generator=g, dtype=torch.int8),
+               "d.f32": torch.randn(2, 2, 2, generator=g), "e.empty": torch.empty(0, 4), "f.bool": torch.tensor([True, False])}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    got = dict(iter_safetensors(path))
+    assert sorted(got) == sorted(tensors)
+    for key, want in tensors.items():
+        assert got[key].dtype == want.dtype and got[key].shape == want.shape and torch.equal(got[key], want), key
+    data = path.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    for blob, message in [(data[:-3], "ends at byte"), (data[:5], "too short"),
+                          ((10**9).to_bytes(8, "little") + data[8:], "does not fit"),
+                          (data[:8] + b"{" * (len(data) - 8), "not valid JSON")]:
+        bad.write_bytes(blob)
+        with pytest.raises(SafetensorsFormatError, match=message):
+            read_header(bad)
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].replace(b'"I8"', b'"I9"')
+    bad.write_bytes(data[:8] + header + data[8 + n:])
+    with pytest.raises(SafetensorsFormatError, match="c.i8: bad header entry"):
+        read_header(bad)
