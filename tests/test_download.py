@@ -75,6 +75,16 @@ def _greedy_ids(pipe: Any, n: int = 12) -> list[int]:
     return list(pipe.generate(pipe.build_input_ids(HELLO), max_new_tokens=n, temperature=0.0))
 
 
+def _assert_same_tensors(bin_file: Path, safetensors_file: Path) -> None:
+    """The int4 .bin was rewritten as safetensors with every tensor unchanged (dtype and bytes)."""
+    from safetensors.torch import load_file
+    want = torch.load(bin_file, weights_only=True)
+    got = load_file(str(safetensors_file))
+    assert sorted(got) == sorted(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+
+
 def _resolve_paths(hub: FakeHub) -> list[str]:
     return [path for method, path in hub.log.snapshot() if "/resolve/" in path]
 
@@ -88,9 +98,13 @@ def test_int4_repo_lands_unconverted(hub: FakeHub, chatglm2_dir: Path, tmp_path:
     assert out == tmp_path / "weights"
     assert sorted(os.listdir(tmp_path)) == ["weights"], "the temporary download folder was left behind"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["DOWNLOAD.json"] + [p.name for p in chatglm2_dir.iterdir()])
+        ["DOWNLOAD.json", "model.safetensors"] + [p.name for p in chatglm2_dir.iterdir() if p.name != "pytorch_model.bin"])
     for f in chatglm2_dir.iterdir():
-        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+        if f.name == "config.json":
+            assert json.loads((out / f.name).read_text()) == json.loads(f.read_text())
+        elif f.name != "pytorch_model.bin":
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    _assert_same_tensors(chatglm2_dir / "pytorch_model.bin", out / "model.safetensors")
     record = json.loads((out / "DOWNLOAD.json").read_text())
     assert record == {"repo_id": INT4_REPO, "revision": repo.commit, "converted_to_int4": False}
     assert ("GET", f"/api/models/{INT4_REPO}/revision/382cc704") in hub.log.snapshot()
@@ -156,7 +170,7 @@ def test_keep_fp16_moves_the_files_unconverted(hub: FakeHub, fp16_dir: Path, tmp
 def test_second_download_replaces_the_first_models_files(hub: FakeHub, fp16_dir: Path, chatglm2_dir: Path,
                                                          tmp_path: Path) -> None:
     """weights/ holds one model: a download into a folder that already has another model's weights
-    (here converted safetensors, which the loader prefers over .bin) must not leave them behind."""
+    (here the fp16 model's converted safetensors) must not leave them behind or mix them in."""
     from huggingface_hub.errors import RevisionNotFoundError
 
     from chatglm import Pipeline
@@ -171,7 +185,9 @@ def test_second_download_replaces_the_first_models_files(hub: FakeHub, fp16_dir:
     assert (out / "model.safetensors").is_file()
     download(INT4_REPO, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["DOWNLOAD.json", "README.md"] + [p.name for p in chatglm2_dir.iterdir()])
+        ["DOWNLOAD.json", "README.md", "model.safetensors"]
+        + [p.name for p in chatglm2_dir.iterdir() if p.name != "pytorch_model.bin"])
+    _assert_same_tensors(chatglm2_dir / "pytorch_model.bin", out / "model.safetensors")
     assert json.loads((out / "DOWNLOAD.json").read_text())["revision"] == repo.commit
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(RevisionNotFoundError):
@@ -230,7 +246,7 @@ def test_download_subprocess_reads_hf_endpoint(chatglm2_dir: Path, tmp_path: Pat
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "w" / "DOWNLOAD.json").read_text())["revision"] == repo.commit
-    assert (tmp_path / "w" / "pytorch_model.bin").read_bytes() == (chatglm2_dir / "pytorch_model.bin").read_bytes()
+    _assert_same_tensors(chatglm2_dir / "pytorch_model.bin", tmp_path / "w" / "model.safetensors")
 
 
 def test_convert_command(fp16_dir: Path, tmp_path: Path) -> None:
