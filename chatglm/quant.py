@@ -36,8 +36,10 @@ def unpack_int4(weight: torch.Tensor) -> torch.Tensor:
 
 def dequantize_int4(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference dequantization: ``W[o, i] = float(scale[o]) * code[o, i]`` in ``dtype``."""
-    codes = unpack_int4(weight).to(torch.float32)
-    return (codes * scale.to(torch.float32)[:, None]).to(dtype)
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"dequantize_int4 needs an int8 [out, in/2] tensor, got {weight.dtype} {tuple(weight.shape)}")
+    codes = torch.stack((weight >> 4, (weight << 4) >> 4), dim=-1).view(weight.shape[0], -1)  # int8 [out, in]
+    return torch.mul(codes, scale.to(torch.float32)[:, None]).to(dtype)  # float32 products, then one rounding
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
