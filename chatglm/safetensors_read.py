@@ -11,6 +11,7 @@ optional ``"__metadata__"``; then the data.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -74,12 +75,13 @@ def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             if end == begin:
                 yield key, torch.empty(shape, dtype=dtype)
                 continue
-            buf = bytearray(end - begin)
+            data = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
+            view = memoryview((ctypes.c_char * (end - begin)).from_address(data.data_ptr())).cast("B")
             f.seek(start + begin)
-            view, done = memoryview(buf), 0
-            while done < len(buf):
+            done = 0
+            while done < len(view):
                 n = f.readinto(view[done:])
                 if not n:
                     raise SafetensorsFormatError(f"{key}: file ended after {start + begin + done} bytes")
                 done += n
-            yield key, torch.frombuffer(buf, dtype=dtype).view(shape)
+            yield key, data.view(dtype).view(shape)
