@@ -1,0 +1,57 @@
+"""The benchmark (``python -m chatglm.bench``) as a smoke test on a tiny shape; the figures it reports
+for the real shape come from running it by hand (see the README)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from chatglm.bench.randomckpt import bench_config, ensure_checkpoint
+from chatglm.checkpoint import load_model
+from chatglm.config import ChatGLMConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_random_checkpoint_is_official_int4_cached_and_finite(tmp_path):
+    d = ensure_checkpoint(tmp_path, "tiny")
+    weights = d / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert ensure_checkpoint(tmp_path, "tiny") == d and weights.stat().st_mtime_ns == mtime, "rebuilt, not reused"
+    cfg = ChatGLMConfig.from_json(d / "config.json")
+    assert cfg.quantization_bit == 4 and cfg.to_dict()["hidden_size"] == bench_config("tiny")["hidden_size"]
+    model = load_model(d, cfg)  # strict: every official key present, none unexpected
+    logits = model(torch.tensor([[5, 6, 7, 8]]))
+    assert torch.isfinite(logits).all() and logits.std() > 0
+    six_b = bench_config("6b")
+    assert (six_b["num_layers"], six_b["hidden_size"], six_b["ffn_hidden_size"]) == (28, 4096, 13696)
+
+
+def test_bench_runs_end_to_end_on_a_tiny_shape(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "chatglm.bench", "--shape", "tiny", "--cache-dir", str(tmp_path / "cache"),
+           "--prompts", "8,40", "--decode-tokens", "4", "--baseline-tokens", "1", "--json", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "decode, median of 4" in result.stdout and "targets:" in result.stdout
+    r = json.loads(out.read_text())
+    s = r["summary"]
+    assert s["backend"] == "cpu-int4" and s["decode_tokens_timed"] == 4
+    assert set(s["ttft_seconds"]) == {"8", "40"} and all(v > 0 for v in s["ttft_seconds"].values())
+    for key in ("decode_ms_median", "floor_ms", "bandwidth_gb_per_s", "baseline_decode_ms_median", "setup_seconds",
+                "read_seconds", "peak_rss_bytes", "matmul_gflops", "dequantize_floor_ms"):
+        assert math.isfinite(s[key]) and s[key] > 0, key
+    assert len(r["baseline"]["decode_step_seconds"]) == 1
+    assert r["chatglm_cpp"]["status"]
+    assert set(s["targets"]) >= {"decode_pct_of_floor", "decode_speedup_vs_baseline", "setup_over_read",
+                                 "peak_rss_over_weight_bytes", "prefill_pct_of_matmul_rate"}
+
+
+def test_bench_rejects_bad_arguments():
+    result = subprocess.run([sys.executable, "-m", "chatglm.bench", "--prompts", "8,x"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--prompts must be comma-separated integers" in result.stderr
