@@ -10,11 +10,13 @@ largest element error over the reference's largest magnitude):
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from chatglm.kernels import cpu_int4
-from chatglm.quant import dequantize_int4, pack_int4
+from chatglm.kernels import cpu_int4, cpu_pack
+from chatglm.quant import dequantize_int4, pack_int4, unpack_int4
 
 pytestmark = pytest.mark.skipif(
     not cpu_int4.is_available(),
@@ -24,6 +26,10 @@ pytestmark = pytest.mark.skipif(
 KERNEL = 10**9  # prefill_min_rows that keeps every input on the int4 kernel
 PREFILL = 1  # prefill_min_rows that sends every input to the int8-GEMM path
 SHAPES = [(64, 32), (144, 32), (32, 72), (37, 64), (80, 200), (130, 384), (16, 13696 // 16)]
+PACK_SHAPES = [(1, 2), (37, 2), (64, 32), (100, 70), (257, 96), (130, 384), (192, 4128), (64, 13696),
+               (70, 13702), (64, 16416)]
+"""Row and column padding, K a multiple of 32 but not of 64 (4128) or of 256 (13696), one 64-row block
+per chunk (13696), rows too long for one chunk (16416: column windows)."""
 ROWS = [1, 3, 17, 64, 70]
 
 
@@ -119,3 +125,126 @@ def test_errors_say_what_was_found() -> None:
         cpu_int4.pack(weight.to(torch.int16), scale)
     with pytest.raises(ValueError, match=r"one scale per output row \(\[32\]\)"):
         cpu_int4.pack(weight, scale[:8])
+
+
+def padded(n: int, k: int) -> tuple[int, int]:
+    return math.ceil(n / 64) * 64, math.ceil(k / 32) * 32
+
+
+@pytest.fixture
+def block() -> int:
+    """The kernel's row-block size when the direct packer applies here."""
+    found = cpu_int4._pack_block()
+    if found is None:
+        pytest.skip("the direct packer does not match torch's converter on this CPU (see the probe test)")
+    return found
+
+
+def test_layout_probe_finds_the_direct_packer() -> None:
+    assert cpu_int4._pack_block() in (64, 32), "the direct packer does not match torch's converter on this CPU"
+
+
+@pytest.mark.parametrize("n,k", PACK_SHAPES)
+def test_direct_pack_equals_torch_converter(n: int, k: int, block: int) -> None:
+    weight, scale = make_weight(n, k, seed=n + k)
+    po, pi = padded(n, k)
+    want = cpu_int4._pack_with_converter(weight, po, pi)
+    assert torch.equal(cpu_pack.pack_direct(weight, po, pi, block), want)
+    packed = cpu_int4.pack(weight, scale)
+    assert packed.packed.dtype == torch.uint8 and torch.equal(packed.packed, want)
+
+
+@pytest.mark.parametrize("limit", [64, 1000, 6000])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_chunks_windows_and_threads_give_the_same_bytes(limit: int, workers: int, block: int) -> None:
+    """Small chunk limits split rows into several chunks and wide rows into column windows."""
+    for n, k in [(100, 70), (192, 4128), (70, 13702)]:
+        weight, _ = make_weight(n, k, seed=k)
+        po, pi = padded(n, k)
+        got = cpu_pack.pack_direct(weight, po, pi, block, workers=workers, limit=limit)
+        assert torch.equal(got, cpu_int4._pack_with_converter(weight, po, pi)), (n, k)
+
+
+@pytest.mark.parametrize("block", [64, 32])
+def test_both_block_layouts_invert_through_the_decoder(block: int) -> None:
+    """The AVX2 layout (32-row blocks) cannot be compared with torch's converter on an AVX512 CPU;
+    the prefill decoder reads both layouts, so decoding must give back ``16 * code`` exactly."""
+    n, k = 100, 200
+    weight, _ = make_weight(n, k, seed=block)
+    po, pi = padded(n, k)
+    codes = torch.zeros(po, pi, dtype=torch.int8)
+    codes[:n, :k] = unpack_int4(weight)
+    got = torch.empty(pi, po, dtype=torch.int8)
+    cpu_int4._decode_block(cpu_pack.pack_direct(weight, po, pi, block, limit=500), block, got)
+    assert torch.equal(got, (16 * codes).T)
+
+
+@pytest.mark.usefixtures("block")
+def test_inplace_pack_reuses_the_weight_memory() -> None:
+    weight, scale = make_weight(128, 256, seed=3)
+    w_ref = dequantize_int4(weight, scale)
+    want = cpu_int4._pack_with_converter(weight, 128, 256)
+    packed = cpu_int4.pack(weight, scale, inplace=True)
+    assert packed.packed.data_ptr() == weight.data_ptr() and torch.equal(packed.packed, want)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4))
+    assert_close_rel(cpu_int4.matmul(x, packed, prefill_min_rows=KERNEL), x @ w_ref.T, *tolerances(KERNEL, x.dtype))
+
+
+@pytest.mark.parametrize("n,k,limit", [(100, 256, 65534), (128, 250, 65534), (128, 256, 1000)])
+def test_inplace_pack_leaves_the_weight_where_it_cannot(n: int, k: int, limit: int, block: int) -> None:
+    """Padding (rows or columns) or column windows need a fresh output; the weight stays intact."""
+    weight, _ = make_weight(n, k, seed=5)
+    original = weight.clone()
+    po, pi = padded(n, k)
+    got = cpu_pack.pack_direct(weight, po, pi, block, inplace=True, limit=limit)
+    assert got.data_ptr() != weight.data_ptr() and torch.equal(weight, original)
+    assert torch.equal(got, cpu_int4._pack_with_converter(original, po, pi))
+
+
+def test_unaligned_and_strided_weights() -> None:
+    weight, _ = make_weight(96, 512, seed=6)
+    base = torch.zeros(weight.numel() + 3, dtype=torch.int8)
+    unaligned = base[3:].view(96, 256)
+    unaligned.copy_(weight)
+    strided = torch.zeros(96, 300, dtype=torch.int8)[:, :256]
+    strided.copy_(weight)
+    want = cpu_int4._pack_with_converter(weight, 128, 512)
+    for w in (unaligned, strided):
+        assert torch.equal(cpu_int4.pack(w, torch.ones(96, dtype=torch.float16), inplace=True).packed, want)
+    assert torch.equal(strided, weight)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_pack_under_inference_mode_with_threads(inplace: bool, block: int) -> None:
+    """Worker threads do not inherit inference mode, yet write inference tensors made by the caller."""
+    weight, _ = make_weight(256, 2048, seed=9)
+    want = cpu_int4._pack_with_converter(weight, 256, 2048)
+    with torch.inference_mode():
+        w = weight.clone()
+        got = cpu_pack.pack_direct(w, 256, 2048, block, inplace=inplace, workers=2, limit=20000)
+    assert torch.equal(got, want) and (got.data_ptr() == w.data_ptr()) == inplace
+
+
+def test_inference_tensor_is_not_overwritten_outside_inference_mode(block: int) -> None:
+    weight, _ = make_weight(256, 2048, seed=10)
+    with torch.inference_mode():
+        w = weight.clone()
+    got = cpu_pack.pack_direct(w, 256, 2048, block, inplace=True, workers=2, limit=20000)
+    assert got.data_ptr() != w.data_ptr() and torch.equal(w, weight)
+    assert torch.equal(got, cpu_int4._pack_with_converter(weight, 256, 2048))
+
+
+def test_converter_fallback_gives_the_same_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight, scale = make_weight(100, 70, seed=8)
+    direct = cpu_int4.pack(weight, scale)
+    monkeypatch.setattr(cpu_int4, "_direct_probed", True)
+    monkeypatch.setattr(cpu_int4, "_direct_block", None)
+    fallback = cpu_int4.pack(weight, scale)
+    assert torch.equal(direct.packed, fallback.packed)
+    assert torch.equal(direct.scales_and_zeros, fallback.scales_and_zeros) and torch.equal(direct.scale, fallback.scale)
+
+
+def test_chunks_keep_every_op_below_the_parallel_grain() -> None:
+    for words in (1, 2, 256, 856, 1023, 1024, 5000):
+        rows, width = cpu_pack.chunk_shape(64, words)
+        assert rows % 64 == 0 and rows * width // 2 < cpu_pack.GRAIN and (rows == 64 or width == words)

@@ -14,7 +14,8 @@ Two paths share one packed weight:
   float32. This is more accurate than the bfloat16 kernel path.
 
 The packed layout depends on the CPU's instruction set, so packing happens at load time and the
-packed tensors are never saved.
+packed tensors are never saved. :mod:`chatglm.kernels.cpu_pack` builds it straight from the official
+bytes once a probe has shown that it matches torch's converter here; otherwise the converter runs.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import unpack_int4
+from . import cpu_pack
 
 PREFILL_MIN_ROWS = 64
 """Inputs with at least this many rows take the int8-GEMM path. Measured on 2 cores (AVX512-VNNI, no
@@ -33,13 +35,15 @@ many small parallel ops lose more than the single int4 op when other processes c
 
 _GROUP_SIZES = (256, 128, 64, 32)
 _ROW_ALIGN = 64  # padded_out is a multiple of this: whole kernel blocks on AVX512 (64) and AVX2 (32)
-_PACK_CHUNK_ROWS = 4096  # rows converted at a time, bounds the int32 temporary at load time
+_PACK_CHUNK_ROWS = 4096  # rows converted at a time by torch's converter, bounds its int32 temporary
 _PREFILL_BLOCK_ROWS = 1024  # weight rows decoded per int8 GEMM
 _XOR_OFFSET = -120  # 0x88 as int8: turns both nibbles q = c + 8 into two's complement c
 
 _available: bool | None = None
 _block: int | None = None
 _block_probed = False
+_direct_block: int | None = None
+_direct_probed = False
 
 
 @dataclass(frozen=True)
@@ -133,10 +137,45 @@ def _probe_block() -> int | None:
     return None
 
 
-def pack(weight: torch.Tensor, scale: torch.Tensor) -> CpuInt4Weight:
+def _pack_block() -> int | None:
+    """The row-block size for which :func:`cpu_pack.pack_direct` reproduces torch's converter byte for
+    byte on this machine (probed once, on a matrix that needs row and column padding), or None."""
+    global _direct_block, _direct_probed
+    if not _direct_probed:
+        _direct_probed = True
+        gen = torch.Generator().manual_seed(2)
+        weight = torch.randint(-128, 128, (100, 36), generator=gen, dtype=torch.int8)
+        want = _pack_with_converter(weight, 128, 96)
+        for block in (64, 32):
+            try:
+                if torch.equal(cpu_pack.pack_direct(weight, 128, 96, block), want):
+                    _direct_block = block
+                    break
+            except RuntimeError:
+                break
+    return _direct_block
+
+
+def _pack_with_converter(weight: torch.Tensor, padded_out: int, padded_in: int) -> torch.Tensor:
+    """Pack with torch's converter: int32 codes ``q = c + 8``, converted ``_PACK_CHUNK_ROWS`` at a time."""
+    n, k = weight.shape[0], weight.shape[1] * 2
+    chunks = []
+    for r0 in range(0, padded_out, _PACK_CHUNK_ROWS):
+        r1 = min(r0 + _PACK_CHUNK_ROWS, padded_out)
+        q = torch.full((r1 - r0, padded_in), 8, dtype=torch.int32)
+        if r0 < n:
+            q[: min(r1, n) - r0, :k] = unpack_int4(weight[r0:r1]).to(torch.int32) + 8
+        chunks.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
+def pack(weight: torch.Tensor, scale: torch.Tensor, *, inplace: bool = False) -> CpuInt4Weight:
     """Pack an official int4 weight (int8 ``[out, in/2]``, scale ``[out]``) for :func:`matmul`.
 
-    Pads ``in`` to a multiple of 32 with code 0 and ``out`` to a multiple of 64 with zero rows."""
+    Pads ``in`` to a multiple of 32 with code 0 and ``out`` to a multiple of 64 with zero rows.
+    ``inplace=True`` lets the packed bytes take over ``weight``'s memory where the layouts allow (no
+    padding, ``in`` of at most 16368), which saves allocating (and page-faulting) a second copy;
+    ``weight`` may then be overwritten, so pass it only for a weight that is dropped afterwards."""
     if not is_available():
         raise RuntimeError(
             f"torch {torch.__version__} has no working CPU int4 kernel (_weight_int4pack_mm_for_cpu); "
@@ -151,19 +190,17 @@ def pack(weight: torch.Tensor, scale: torch.Tensor) -> CpuInt4Weight:
     padded_out = math.ceil(n / _ROW_ALIGN) * _ROW_ALIGN
     group_size = next(g for g in _GROUP_SIZES if padded_in % g == 0)
     weight = weight.cpu()
-    chunks = []
-    for r0 in range(0, padded_out, _PACK_CHUNK_ROWS):
-        r1 = min(r0 + _PACK_CHUNK_ROWS, padded_out)
-        q = torch.full((r1 - r0, padded_in), 8, dtype=torch.int32)
-        if r0 < n:
-            q[: min(r1, n) - r0, :k] = unpack_int4(weight[r0:r1]).to(torch.int32) + 8
-        chunks.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+    block = _pack_block()
+    if block is None:
+        packed = _pack_with_converter(weight, padded_out, padded_in)
+    else:
+        packed = cpu_pack.pack_direct(weight, padded_out, padded_in, block, inplace=inplace)
     scale32 = torch.zeros(padded_out, dtype=torch.float32)
     scale32[:n] = scale.detach().cpu().to(torch.float32)
     sz = torch.zeros(padded_in // group_size, padded_out, 2, dtype=torch.bfloat16)
     sz[:, :, 0] = scale32.to(torch.bfloat16)
     return CpuInt4Weight(
-        packed=torch.cat(chunks) if len(chunks) > 1 else chunks[0],
+        packed=packed,
         scales_and_zeros=sz,
         scale=scale32,
         group_size=group_size,
