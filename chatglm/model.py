@@ -92,9 +92,11 @@ class SelfAttention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.update(layer, k, v)  # [B, G, start+S, D]
-        if S == 1:
-            mask, causal = None, False
-        elif start == 0:
+        if S == 1:  # a group's query heads become its query rows: keys and values are read once
+            out = F.scaled_dot_product_attention(q.reshape(B, self.groups, self.heads // self.groups, self.head_dim),
+                                                 k, v, scale=1.0 / math.sqrt(self.head_dim))
+            return self.dense(out.reshape(B, 1, q_size))
+        if start == 0:
             mask, causal = None, True
         else:
             qpos = torch.arange(start, start + S, device=x.device)[:, None]

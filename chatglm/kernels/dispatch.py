@@ -11,6 +11,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..quant import dequantize_int4
 
@@ -26,6 +27,21 @@ def int4_linear(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y
+
+
+class RowLinear(nn.Module):
+    """A bias-free linear over ``weight [out, in]`` that multiplies a single input row with
+    ``torch.mv``: for bfloat16 on CPU that GEMV streams the weight ~1.7x faster than ``F.linear``
+    (the decode step's output layer). Several rows use ``F.linear``. The parameter keeps its name."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            return torch.mv(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], self.weight.shape[0])
+        return F.linear(x, self.weight)
 
 
 def _triton_call(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -48,7 +64,8 @@ def choose_backend(device: torch.device, dtype: torch.dtype) -> str:
 def prepare_model(model: torch.nn.Module, backend: str = "auto") -> str:
     """Prepare every Int4Linear of ``model`` for ``backend`` (``auto``: :func:`choose_backend`) and
     return the backend's name. ``cpu-int4`` repacks each weight for this CPU and drops the official
-    tensor, so a prepared model holds its int4 weights once."""
+    tensor, so a prepared model holds its int4 weights once; the output layer becomes a
+    :class:`RowLinear` (same weight) whose decode GEMV is faster."""
     from ..quant import Int4Linear
     if backend not in BACKENDS:
         raise ValueError(f"unknown int4 backend {backend!r}; allowed: {', '.join(BACKENDS)}")
@@ -66,6 +83,9 @@ def prepare_model(model: torch.nn.Module, backend: str = "auto") -> str:
             from . import cpu_int4
             if layer.weight is None:
                 continue  # already packed
-            layer.packed = functools.partial(cpu_int4.matmul, w=cpu_int4.pack(layer.weight, layer.weight_scale))
+            layer.packed = functools.partial(cpu_int4.matmul, w=cpu_int4.pack(layer.weight, layer.weight_scale, inplace=True))
             layer.weight = None
+    head = model.transformer.output_layer if hasattr(model, "transformer") else None
+    if backend == "cpu-int4" and isinstance(head, nn.Linear) and head.bias is None:
+        model.transformer.output_layer = RowLinear(head.weight)
     return backend
