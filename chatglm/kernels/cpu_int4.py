@@ -262,14 +262,17 @@ def _int8_matmul(x2: torch.Tensor, w: CpuInt4Weight) -> torch.Tensor | None:
     ab = torch.cat((a, b)).to(torch.int8)
     m = x2.shape[0]
     block = _split_block()
-    acc = torch.empty(2 * m, w.padded_out, dtype=torch.int32)
+    y = torch.empty(m, w.out_features, dtype=x2.dtype)
+    scale = w.scale / 16
     buf = torch.empty(w.padded_in, _PREFILL_BLOCK_ROWS, dtype=torch.int8)
-    for r0 in range(0, w.padded_out, _PREFILL_BLOCK_ROWS):
+    for r0 in range(0, w.padded_out, _PREFILL_BLOCK_ROWS):  # temporaries stay one block of rows wide
         rows = min(_PREFILL_BLOCK_ROWS, w.padded_out - r0)
         if rows != buf.shape[1]:
             buf = torch.empty(w.padded_in, rows, dtype=torch.int8)
         _decode_block(w.packed[r0 : r0 + rows], block, buf)
-        acc[:, r0 : r0 + rows] = torch._int_mm(ab, buf)
-    y = acc[m:].to(torch.float32).div_(254).add_(acc[:m])
-    y.mul_(s).mul_(w.scale / 16)
-    return y[:, : w.out_features].to(x2.dtype).contiguous()
+        acc = torch._int_mm(ab, buf)  # [2m, rows]
+        yb = acc[m:].to(torch.float32).div_(254).add_(acc[:m]).mul_(s).mul_(scale[r0 : r0 + rows])
+        valid = min(rows, w.out_features - r0)
+        if valid > 0:
+            y[:, r0 : r0 + valid] = yb[:, :valid]
+    return y
