@@ -3,7 +3,8 @@
 The file is never memory-mapped: each tensor is read into its own buffer, so the process holds only
 what the model keeps plus one tensor in flight (a mapping of the whole file would add every page
 touched to the resident set until it is closed). The operating system is asked to read ahead the
-whole file at open, so disk reads overlap with the caller's work on the previous tensor.
+whole file, and a reader thread keeps the next tensors ready, so disk reads overlap with the caller's
+work on the previous tensor.
 
 Format: 8 bytes little-endian header length ``n``, then ``n`` bytes of JSON mapping each name to
 ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets from the end of the header) and an
@@ -15,6 +16,8 @@ import ctypes
 import json
 import math
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -63,25 +66,71 @@ def read_header(path: str | Path) -> tuple[int, dict[str, dict]]:
     return start, header
 
 
-def iter_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` in file order, each tensor freshly read into its own memory."""
+def _read_tensor(f, data_start: int, key: str, entry: dict) -> torch.Tensor:
+    dtype, shape = DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
+    begin, end = entry["data_offsets"]
+    if end == begin:
+        return torch.empty(shape, dtype=dtype)
+    data = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
+    view = memoryview((ctypes.c_char * (end - begin)).from_address(data.data_ptr())).cast("B")
+    f.seek(data_start + begin)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise SafetensorsFormatError(f"{key}: file ended after {data_start + begin + done} bytes")
+        done += n
+    return data.view(dtype).view(shape)
+
+
+def iter_safetensors(path: str | Path, read_ahead: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` in file order, each tensor freshly read into its own memory.
+
+    A reader thread keeps up to ``read_ahead`` tensors ready (file reads release the GIL), so the
+    disk works while the caller converts or packs the previous tensor; 0 reads in the caller."""
     start, header = read_header(path)
-    with open(path, "rb", buffering=0) as f:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
-        for key, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype, shape = DTYPES[e["dtype"]], [int(d) for d in e["shape"]]
-            begin, end = e["data_offsets"]
-            if end == begin:
-                yield key, torch.empty(shape, dtype=dtype)
+    entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    if read_ahead <= 0:
+        with open(path, "rb", buffering=0) as f:
+            _advise_read_ahead(f)
+            for key, entry in entries:
+                yield key, _read_tensor(f, start, key, entry)
+        return
+    ready: queue.Queue = queue.Queue(maxsize=read_ahead)
+    stop = threading.Event()
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return
+            except queue.Full:
                 continue
-            data = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
-            view = memoryview((ctypes.c_char * (end - begin)).from_address(data.data_ptr())).cast("B")
-            f.seek(start + begin)
-            done = 0
-            while done < len(view):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise SafetensorsFormatError(f"{key}: file ended after {start + begin + done} bytes")
-                done += n
-            yield key, data.view(dtype).view(shape)
+
+    def reader() -> None:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                _advise_read_ahead(f)
+                for key, entry in entries:
+                    if stop.is_set():
+                        return
+                    put((key, _read_tensor(f, start, key, entry)))
+            put(None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(exc)
+
+    thread = threading.Thread(target=reader, name="safetensors-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _advise_read_ahead(f) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
