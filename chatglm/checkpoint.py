@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import ChatGLMConfig
+from .kernels.dispatch import prepare_layer
 from .model import ChatGLMForConditionalGeneration
 from .quant import Int4Linear, quantize_int4, swap_to_int4
 from .safetensors_read import SafetensorsFormatError, iter_safetensors, read_header
@@ -130,12 +131,15 @@ def _spec(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 
 
 def load_model(model_dir: str | Path, config: ChatGLMConfig, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, quantize: int | None = None) -> ChatGLMForConditionalGeneration:
+               dtype: torch.dtype = torch.float32, quantize: int | None = None,
+               int4_backend: str | None = None) -> ChatGLMForConditionalGeneration:
     """Build the model for ``config`` and fill it from ``model_dir``.
 
     ``quantize=None`` keeps the checkpoint as stored (int4 stays int4); ``quantize=4`` makes an int4
     model, quantizing a float checkpoint tensor by tensor; ``quantize=0`` requires a float checkpoint.
-    Float tensors are cast to ``dtype``; int4 codes stay int8 and their scales fp16.
+    Float tensors are cast to ``dtype``; int4 codes stay int8 and their scales fp16. ``int4_backend``
+    (a backend of :mod:`chatglm.kernels.dispatch`, not ``auto``) prepares each int4 layer as soon as
+    its tensors are in, so packing overlaps reading the rest of the file.
     """
     if quantize not in (None, 0, 4):
         raise ValueError(f"quantize must be None, 0 or 4, got {quantize!r}")
@@ -152,6 +156,7 @@ def load_model(model_dir: str | Path, config: ChatGLMConfig, device: str | torch
     expected = _spec(model) if stored_int4 else float_spec
     int4_modules = {name for name, m in model.named_modules() if isinstance(m, Int4Linear)}
 
+    pending = {name: {k for k in expected if k.rpartition(".")[0] == name} for name in int4_modules}
     errors: list[str] = []
     seen: dict[str, Path] = {}
     for key, tensor, path in iter_tensors(files):
@@ -172,8 +177,13 @@ def load_model(model_dir: str | Path, config: ChatGLMConfig, device: str | torch
             errors.append(f"{key} in {path.name}: dtype {tensor.dtype}, expected "
                           f"{'torch.int8' if want == torch.int8 else 'a floating-point dtype'}")
         elif not errors:
-            _assign(model, key, tensor, device, dtype, quantize_now=key.rpartition(".")[0] in int4_modules
+            module = key.rpartition(".")[0]
+            _assign(model, key, tensor, device, dtype, quantize_now=module in int4_modules
                     and not stored_int4 and key.endswith(".weight"))
+            if int4_backend is not None and module in pending:
+                pending[module].discard(key)
+                if not pending[module]:
+                    prepare_layer(model.get_submodule(module), int4_backend)
 
     missing = [k for k in expected if k not in seen]
     if missing:

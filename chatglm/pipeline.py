@@ -81,9 +81,10 @@ class Pipeline:
         config = ChatGLMConfig.from_json(model_dir / "config.json")
         fam = detect_family(model_dir, config, family)
         tokenizer = ChatGLMTokenizer.from_dir(model_dir)
-        model = load_model(model_dir, config, device=dev, dtype=dtype, quantize=quantize)
-        from .kernels.dispatch import prepare_model
-        backend = prepare_model(model)
+        from .kernels.dispatch import choose_backend, prepare_model
+        backend = choose_backend(dev, dtype)
+        model = load_model(model_dir, config, device=dev, dtype=dtype, quantize=quantize, int4_backend=backend)
+        backend = prepare_model(model, backend)
         log.info("loaded %s (%s) from %s on %s, %s, int4 backend: %s", fam, config.name_or_path, model_dir,
                  dev, dtype, backend)
         return cls(model, tokenizer, config, fam, max_context)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..checkpoint import find_weight_files, load_model
 from ..config import ChatGLMConfig
 from ..generate import generate_ids
-from ..kernels.dispatch import prepare_model
+from ..kernels.dispatch import choose_backend, prepare_model
 from ..quant import Int4Linear
 from ..sampling import SamplingParams
 
@@ -132,7 +132,9 @@ class ModelRun:
         self.device = device
         self.config = ChatGLMConfig.from_json(Path(model_dir) / "config.json")
         t0 = time.perf_counter()
-        self.model = load_model(model_dir, self.config, device=device, dtype=dtype)
+        if backend == "auto":
+            backend = choose_backend(device, dtype)
+        self.model = load_model(model_dir, self.config, device=device, dtype=dtype, int4_backend=backend)
         self.backend = prepare_model(self.model, backend)
         sync(device)
         self.setup_seconds = time.perf_counter() - t0

@@ -61,6 +61,27 @@ def choose_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "reference"
 
 
+def prepare_layer(layer, backend: str) -> None:
+    """Prepare one loaded Int4Linear for ``backend`` (not ``auto``); a no-op for a layer that is
+    already packed for ``cpu-int4``."""
+    if layer.weight is None:
+        if backend != "cpu-int4":
+            raise ValueError(f"this int4 layer was packed for cpu-int4 and no longer holds the official weight; "
+                             f"reload the model to use the {backend!r} backend")
+        return
+    if backend == "reference":
+        layer.packed = None
+    elif backend == "triton":
+        layer.packed = functools.partial(_triton_call, weight=layer.weight, scale=layer.weight_scale)
+    elif backend == "cpu-int4":
+        from . import cpu_int4
+        packed = cpu_int4.pack(layer.weight, layer.weight_scale, inplace=True)
+        layer.packed = functools.partial(cpu_int4.matmul, w=packed)
+        layer.weight = None
+    else:
+        raise ValueError(f"unknown int4 backend {backend!r}; allowed: {', '.join(BACKENDS[1:])}")
+
+
 def prepare_model(model: torch.nn.Module, backend: str = "auto") -> str:
     """Prepare every Int4Linear of ``model`` for ``backend`` (``auto``: :func:`choose_backend`) and
     return the backend's name. ``cpu-int4`` repacks each weight for this CPU and drops the official
@@ -73,18 +94,9 @@ def prepare_model(model: torch.nn.Module, backend: str = "auto") -> str:
     if not layers:
         return "none"
     if backend == "auto":
-        backend = choose_backend(layers[0].weight.device, model.dtype)
+        backend = choose_backend(layers[0].weight_scale.device, model.dtype)
     for layer in layers:
-        if backend == "reference":
-            layer.packed = None
-        elif backend == "triton":
-            layer.packed = functools.partial(_triton_call, weight=layer.weight, scale=layer.weight_scale)
-        else:
-            from . import cpu_int4
-            if layer.weight is None:
-                continue  # already packed
-            layer.packed = functools.partial(cpu_int4.matmul, w=cpu_int4.pack(layer.weight, layer.weight_scale, inplace=True))
-            layer.weight = None
+        prepare_layer(layer, backend)
     head = model.transformer.output_layer if hasattr(model, "transformer") else None
     if backend == "cpu-int4" and isinstance(head, nn.Linear) and head.bias is None:
         model.transformer.output_layer = RowLinear(head.weight)
