@@ -62,29 +62,33 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
         cache = KVCache(model.config, 1, len(input_ids) + max_new_tokens, device, model.dtype)
     history = torch.tensor(input_ids, dtype=torch.long)
     produced: list[int] = []
+    def choose(logits: torch.Tensor) -> int:
+        logits = logits.float().cpu()
+        if vocab_limit is not None and vocab_limit < logits.numel():
+            logits[vocab_limit:] = float("-inf")
+        previous = torch.cat((history, torch.tensor(produced, dtype=torch.long)))
+        return select_token(logits, params, previous, generator)
+
+    # Inference mode is entered around each computation and left before each yield: a suspended
+    # generator must not leave the caller's thread in inference mode.
     try:
         with torch.inference_mode():
             for s in range(0, len(input_ids) - PREFILL_CHUNK, PREFILL_CHUNK):
                 model(torch.tensor([input_ids[s:s + PREFILL_CHUNK]], device=device), cache=cache, last_only=True)
             tail = input_ids[(len(input_ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:]
-            logits = model(torch.tensor([tail], dtype=torch.long, device=device), cache=cache, last_only=True)[0, -1]
-            while True:
-                logits = logits.float().cpu()
-                if vocab_limit is not None and vocab_limit < logits.numel():
-                    logits[vocab_limit:] = float("-inf")
-                previous = torch.cat((history, torch.tensor(produced, dtype=torch.long)))
-                token = select_token(logits, params, previous, generator)
-                if token in stops:
-                    return
-                produced.append(token)
-                yield token
-                if len(produced) == max_new_tokens:
-                    return
+            token = choose(model(torch.tensor([tail], dtype=torch.long, device=device), cache=cache,
+                                 last_only=True)[0, -1])
+        while True:
+            if token in stops:
+                return
+            produced.append(token)
+            yield token
+            if len(produced) == max_new_tokens:
+                return
+            with torch.inference_mode():
                 x = torch.tensor([[token]], dtype=torch.long, device=device)
-                if decoder is not None:
-                    logits = decoder.step(x)[0]
-                else:
-                    logits = model(x, cache=cache, last_only=True)[0, -1]
+                logits = decoder.step(x)[0] if decoder is not None else model(x, cache=cache, last_only=True)[0, -1]
+                token = choose(logits)
     finally:
         if decoder is not None:
             decoder_pool(model).give_back(decoder)

@@ -195,3 +195,11 @@ def test_fast_int4_backend_stays_close_to_the_reference(model_dir):
     assert (got - want).norm() / want.norm() < 0.03
     assert (got - want).norm() <= 2 * (bf16_ref - want).norm() + 1e-3  # no worse than bf16 itself
     assert _greedy(fast, PROMPT) == _greedy(slow, PROMPT)
+
+
+def test_a_suspended_generation_leaves_the_caller_outside_inference_mode(model_dir):
+    model = load_model(model_dir, ChatGLMConfig.from_json(model_dir / "config.json"))
+    gen = generate_ids(model, [5, 6, 7], 4, SamplingParams(), stop_ids=(), max_context=64)
+    next(gen)
+    assert not torch.is_inference_mode_enabled()
+    gen.close()
