@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     ap.add_argument("--prompts", default="32,512,2048", help="prompt lengths for time to first token")
     ap.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed (median reported)")
-    ap.add_argument("--baseline-tokens", type=int, default=4, help="decode steps of the baseline (0: skip it)")
+    ap.add_argument("--baseline-tokens", type=int, default=3, help="decode steps of the baseline (0: skip it)")
     ap.add_argument("--chatglm-cpp-model", help="a chatglm.cpp GGML file (q4_0) to time, if chatglm_cpp is installed")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--worker", choices=("ours", "setup-warm", "baseline"), help=argparse.SUPPRESS)
