@@ -256,11 +256,13 @@ def _int8_matmul(x2: torch.Tensor, w: CpuInt4Weight) -> torch.Tensor | None:
     if not bool(torch.isfinite(amax).all()):
         return None
     s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    u = xf / s
-    a = torch.round(u)
-    b = torch.round((u - a) * 254)
-    ab = torch.cat((a, b)).to(torch.int8)
     m = x2.shape[0]
+    u = xf.div(s) if xf.data_ptr() == x2.data_ptr() else xf.div_(s)  # never overwrite the caller's input
+    ab = torch.empty(2 * m, u.shape[1], dtype=torch.int8)
+    a = torch.round(u)
+    ab[:m] = a
+    ab[m:] = u.sub_(a).mul_(254).round_()  # b: the remainder in units of 1/254
+    del a, u, xf
     block = _split_block()
     y = torch.empty(m, w.out_features, dtype=x2.dtype)
     scale = w.scale / 16
