@@ -72,16 +72,17 @@ class Pipeline:
                         family: str | None = None, max_context: int | None = None) -> "Pipeline":
         """Load config, tokenizer and weights from an official model directory.
 
-        ``dtype`` None picks float16 on CUDA and bfloat16 on CPU; ``quantize=4`` makes an int4 model
-        from an fp16 checkpoint (an int4 checkpoint stays int4); ``family`` overrides detection.
+        ``dtype`` None picks bfloat16 on CPU and on CUDA GPUs of capability 8.0+, float16 on older
+        GPUs; ``quantize=4`` makes an int4 model from an fp16 checkpoint (an int4 checkpoint stays
+        int4); ``family`` overrides detection.
         """
         model_dir = Path(model_dir)
         dev = resolve_device(device)
-        dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.bfloat16)
+        from .kernels.dispatch import choose_backend, default_dtype, prepare_model
+        dtype = dtype or default_dtype(dev)
         config = ChatGLMConfig.from_json(model_dir / "config.json")
         fam = detect_family(model_dir, config, family)
         tokenizer = ChatGLMTokenizer.from_dir(model_dir)
-        from .kernels.dispatch import choose_backend, prepare_model
         backend = choose_backend(dev, dtype)
         model = load_model(model_dir, config, device=dev, dtype=dtype, quantize=quantize, int4_backend=backend)
         backend = prepare_model(model, backend)

@@ -248,3 +248,33 @@ def test_chunks_keep_every_op_below_the_parallel_grain() -> None:
     for words in (1, 2, 256, 856, 1023, 1024, 5000):
         rows, width = cpu_pack.chunk_shape(64, words)
         assert rows % 64 == 0 and rows * width // 2 < cpu_pack.GRAIN and (rows == 64 or width == words)
+
+
+def test_tinygemm_bytes_keep_the_official_nibble_order_with_unsigned_codes() -> None:
+    from chatglm.kernels import cuda_int4pack
+    from chatglm.quant import pack_int4, unpack_int4
+    codes = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)  # [3, 32]
+    got = cuda_int4pack.tinygemm_bytes(pack_int4(codes))
+    assert got.dtype == torch.uint8 and got.shape == (3, 16)
+    q = codes.to(torch.int16) + 8
+    assert torch.equal(got.to(torch.int16), (q[:, 0::2] << 4) | q[:, 1::2])  # even column high, q = code + 8
+    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+    assert cuda_int4pack.supports_shape(4608, 4096) and cuda_int4pack.supports_shape(4096, 13696)
+    assert not cuda_int4pack.supports_shape(4, 4096) and not cuda_int4pack.supports_shape(64, 100)
+
+
+def test_cuda_int4pack_is_never_chosen_or_usable_without_a_cuda_gpu(tmp_path) -> None:
+    from chatglm.kernels import cuda_int4pack, dispatch
+    from chatglm.quant import Int4Linear
+    assert not cuda_int4pack.is_available(torch.device("cpu"))
+    assert dispatch.choose_backend(torch.device("cpu"), torch.bfloat16) in ("cpu-int4", "reference")
+    assert dispatch.default_dtype(torch.device("cpu")) == torch.bfloat16
+    layer = Int4Linear(64, 64, bias=False)
+    layer.weight.zero_()
+    layer.weight_scale.fill_(1)
+    with pytest.raises(ValueError, match="needs a CUDA GPU of compute capability 8.0"):
+        dispatch.prepare_layer(layer, "cuda-int4pack")
+    dispatch.prepare_layer(layer, "cpu-int4")
+    dispatch.prepare_layer(layer, "cpu-int4")  # already packed: a no-op
+    with pytest.raises(ValueError, match="packed for cpu-int4"):
+        dispatch.prepare_layer(layer, "reference")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import measure
+from ..kernels.dispatch import default_dtype
 from .randomckpt import SHAPES, ensure_checkpoint
 from .report import summarize, table
 
@@ -55,7 +56,7 @@ def pick_device(name: str) -> torch.device:
 def run_worker(args: argparse.Namespace) -> None:
     """Measure one model in this (fresh) process so that its peak RSS is its own."""
     device = pick_device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = default_dtype(device)
     out: dict = {}
     if args.worker == "setup-warm":
         measure.read_files_seconds(args.weights)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"model_dir": str(model_dir), "machine": machine_info(device)}
     print("measuring memory bandwidth and matmul rates ...", flush=True)
     bandwidth = [measure.read_bandwidth(device)]
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = default_dtype(device)
     results["matmul_flops"] = {str(dtype).removeprefix("torch."): measure.matmul_rate(dtype, device),
                                "float32": measure.matmul_rate(torch.float32, device)}
     print("our model ...", flush=True)

@@ -1,7 +1,9 @@
 """Chooses how an :class:`~chatglm.quant.Int4Linear` computes.
 
 Backends: ``cpu-int4`` (torch's CPU int4 kernel for decode, an int8 GEMM for prefill; bfloat16
-models on CPU), ``triton`` (fused dequantize-and-multiply on CUDA) and ``reference`` (dequantize the
+models on CPU), ``cuda-int4pack`` (torch's tinygemm kernel: bfloat16 models on CUDA GPUs of compute
+capability 8.0+, after a self-check), ``triton`` (fused dequantize-and-multiply on any CUDA GPU) and
+``reference`` (dequantize the
 whole weight to the activation dtype, then matmul: exact, slow; float32 models use it so that their
 numbers equal the reference implementation's).
 """
@@ -15,7 +17,8 @@ from torch import nn
 
 from ..quant import dequantize_int4
 
-BACKENDS = ("auto", "reference", "cpu-int4", "triton")
+BACKENDS = ("auto", "reference", "cpu-int4", "cuda-int4pack", "triton")
+_DROPS_WEIGHT = ("cpu-int4", "cuda-int4pack")  # backends that keep only their packed copy
 
 
 def int4_linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -50,10 +53,20 @@ def _triton_call(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
     return int4_matmul(x.reshape(-1, x.shape[-1]), weight, scale).reshape(*lead, weight.shape[0])
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CPU (the fast int4 kernel needs it) and on CUDA GPUs of capability 8.0+ (tinygemm);
+    float16 on older GPUs such as the T4, which have no bfloat16 tensor cores."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return torch.float16
+    return torch.bfloat16
+
+
 def choose_backend(device: torch.device, dtype: torch.dtype) -> str:
     """The fastest backend that runs for a model on ``device`` computing in ``dtype``."""
     if device.type == "cuda":
-        from . import triton_int4
+        from . import cuda_int4pack, triton_int4
+        if dtype == torch.bfloat16 and cuda_int4pack.is_available(torch.device(device)):
+            return "cuda-int4pack"
         return "triton" if triton_int4.is_available() else "reference"
     if device.type == "cpu" and dtype == torch.bfloat16:
         from . import cpu_int4
@@ -63,29 +76,42 @@ def choose_backend(device: torch.device, dtype: torch.dtype) -> str:
 
 def prepare_layer(layer, backend: str) -> None:
     """Prepare one loaded Int4Linear for ``backend`` (not ``auto``); a no-op for a layer that is
-    already packed for ``cpu-int4``."""
+    already packed for it. ``cuda-int4pack`` serves the shapes tinygemm takes, Triton the others."""
     if layer.weight is None:
-        if backend != "cpu-int4":
-            raise ValueError(f"this int4 layer was packed for cpu-int4 and no longer holds the official weight; "
-                             f"reload the model to use the {backend!r} backend")
+        if getattr(layer, "backend", None) != backend:
+            raise ValueError(f"this int4 layer was packed for {getattr(layer, 'backend', None)} and no longer "
+                             f"holds the official weight; reload the model to use the {backend!r} backend")
         return
+    if backend == "cuda-int4pack":
+        from . import cuda_int4pack
+        if not cuda_int4pack.is_available(layer.weight.device):
+            raise ValueError(f"the cuda-int4pack backend is not available on {layer.weight.device}: it needs a "
+                             "CUDA GPU of compute capability 8.0+ whose tinygemm kernel passes the self-check "
+                             "(see the log); use 'triton' or 'auto'")
+        if not cuda_int4pack.supports_shape(layer.out_features, layer.in_features):
+            backend = "triton"
     if backend == "reference":
         layer.packed = None
     elif backend == "triton":
         layer.packed = functools.partial(_triton_call, weight=layer.weight, scale=layer.weight_scale)
     elif backend == "cpu-int4":
         from . import cpu_int4
-        packed = cpu_int4.pack(layer.weight, layer.weight_scale, inplace=True)
-        layer.packed = functools.partial(cpu_int4.matmul, w=packed)
-        layer.weight = None
+        layer.packed = functools.partial(cpu_int4.matmul, w=cpu_int4.pack(layer.weight, layer.weight_scale,
+                                                                           inplace=True))
+    elif backend == "cuda-int4pack":
+        from . import cuda_int4pack
+        layer.packed = functools.partial(cuda_int4pack.matmul, w=cuda_int4pack.pack(layer.weight, layer.weight_scale))
     else:
         raise ValueError(f"unknown int4 backend {backend!r}; allowed: {', '.join(BACKENDS[1:])}")
+    layer.backend = backend
+    if backend in _DROPS_WEIGHT:
+        layer.weight = None
 
 
 def prepare_model(model: torch.nn.Module, backend: str = "auto") -> str:
     """Prepare every Int4Linear of ``model`` for ``backend`` (``auto``: :func:`choose_backend`) and
-    return the backend's name. ``cpu-int4`` repacks each weight for this CPU and drops the official
-    tensor, so a prepared model holds its int4 weights once; the output layer becomes a
+    return the backend's name. ``cpu-int4`` and ``cuda-int4pack`` repack each weight and drop the
+    official tensor, so a prepared model holds its int4 weights once; the output layer becomes a
     :class:`RowLinear` (same weight) whose decode GEMV is faster."""
     from ..quant import Int4Linear
     if backend not in BACKENDS:
