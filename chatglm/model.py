@@ -147,7 +147,12 @@ class GLMBlock(nn.Module):
 class Embedding(nn.Module):
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
+        # nn.Embedding's own initialisation, except on the meta device (where the loader builds the
+        # model): there normal_ would import torch's Python meta kernels, ~2 s of setup.
+        weight = torch.empty(cfg.padded_vocab_size, cfg.hidden_size)
+        if weight.device.type != "meta":
+            nn.init.normal_(weight)
+        self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size, _weight=weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
