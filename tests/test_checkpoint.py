@@ -151,3 +151,21 @@ def test_safetensors_reader_matches_the_library_and_refuses_malformed_files(tmp_
     bad.write_bytes(data[:8] + header + data[8 + n:])
     with pytest.raises(SafetensorsFormatError, match="c.i8: bad header entry"):
         read_header(bad)
+
+
+def test_safetensors_reader_thread_stops_when_the_caller_stops_early(tmp_path):
+    import threading
+
+    from safetensors.torch import save_file
+
+    from chatglm.safetensors_read import iter_safetensors
+    tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(20)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    for read_ahead in (0, 1, 3):
+        gen = iter_safetensors(path, read_ahead=read_ahead)
+        key, tensor = next(gen)
+        assert torch.equal(tensor, tensors[key])
+        gen.close()
+        assert not [t for t in threading.enumerate() if t.name == "safetensors-reader"]
+        assert {k: v.clone() for k, v in iter_safetensors(path, read_ahead=read_ahead)}.keys() == tensors.keys()
