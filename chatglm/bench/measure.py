@@ -108,7 +108,7 @@ def decode_bytes_per_token(model: torch.nn.Module) -> int:
     for layer in model.modules():
         if isinstance(layer, Int4Linear) and layer.weight is None and layer.packed is not None:
             w = layer.packed.keywords["w"]
-            total += w.packed.numel() + w.scales_and_zeros.numel() * w.scales_and_zeros.element_size()
+            total += sum(t.numel() * t.element_size() for t in (w.packed, w.scales_and_zeros))
     return total
 
 
