@@ -27,18 +27,13 @@ def unpack_int4(weight: torch.Tensor) -> torch.Tensor:
     """Unpack the official ``int8 [out, in/2]`` layout into signed codes ``int8 [out, in]``."""
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise ValueError(f"unpack_int4 needs an int8 [out, in/2] tensor, got {weight.dtype} {tuple(weight.shape)}")
-    w = weight.to(torch.int16)
-    high = w >> 4  # arithmetic shift keeps the sign of the high nibble
-    low = ((w & 0xF) ^ 0x8) - 0x8  # sign-extend the low nibble
-    out = torch.stack((high, low), dim=-1).reshape(weight.shape[0], weight.shape[1] * 2)
-    return out.to(torch.int8)
+    # int8 shifts are arithmetic: ``w >> 4`` is the high code, ``(w << 4) >> 4`` sign-extends the low one
+    return torch.stack((weight >> 4, (weight << 4) >> 4), dim=-1).view(weight.shape[0], 2 * weight.shape[1])
 
 
 def dequantize_int4(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reference dequantization: ``W[o, i] = float(scale[o]) * code[o, i]`` in ``dtype``."""
-    if weight.dtype != torch.int8 or weight.dim() != 2:
-        raise ValueError(f"dequantize_int4 needs an int8 [out, in/2] tensor, got {weight.dtype} {tuple(weight.shape)}")
-    codes = torch.stack((weight >> 4, (weight << 4) >> 4), dim=-1).view(weight.shape[0], -1)  # int8 [out, in]
+    codes = unpack_int4(weight)
     return torch.mul(codes, scale.to(torch.float32)[:, None]).to(dtype)  # float32 products, then one rounding
 
 
