@@ -86,16 +86,15 @@ class SelfAttention(nn.Module):
         k = k.view(B, S, self.groups, self.head_dim).transpose(1, 2)  # [B, G, S, D]
         v = v.view(B, S, self.groups, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if static is not None:
-            return self.dense(self._attend_static(q, k, v, cache, layer, static))
+        if static is not None:  # static-shape step: write at the position, attend over the capacity
+            k, v = cache.write_at(layer, static.position, k, v)  # [B, G, capacity, D]
+            return self.dense(self._attend_one_token(q, k, v, static.mask))
         start = 0
         if cache is not None:
             start = cache.length
             k, v = cache.update(layer, k, v)  # [B, G, start+S, D]
-        if S == 1:  # a group's query heads become its query rows: keys and values are read once
-            out = F.scaled_dot_product_attention(q.reshape(B, self.groups, self.heads // self.groups, self.head_dim),
-                                                 k, v, scale=1.0 / math.sqrt(self.head_dim))
-            return self.dense(out.reshape(B, 1, q_size))
+        if S == 1:
+            return self.dense(self._attend_one_token(q, k, v, None))
         if start == 0:
             mask, causal = None, True
         else:
@@ -105,17 +104,15 @@ class SelfAttention(nn.Module):
                                              scale=1.0 / math.sqrt(self.head_dim), enable_gqa=True)
         return self.dense(out.transpose(1, 2).reshape(B, S, q_size))
 
-    def _attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
-                       static: StaticStep) -> torch.Tensor:
-        """One new token per row: write ``k, v`` at ``static.position`` and attend over the whole
-        capacity under ``static.mask``. The query heads of a group become that group's query rows
-        (head ``h`` reads group ``h // (heads/groups)``, as with ``enable_gqa``), so keys and values
-        are read once and never repeated per head."""
+    def _attend_one_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of one new token per row (``q [B, H, 1, D]``, ``k, v [B, G, L, D]``) -> ``[B, 1, H*D]``.
+        The query heads of a group become that group's query rows (head ``h`` reads group
+        ``h // (heads/groups)``, as with ``enable_gqa``), so keys and values are read once and never
+        repeated per head."""
         B = q.shape[0]
-        k_all, v_all = cache.write_at(layer, static.position, k, v)  # [B, G, capacity, D]
         q = q.reshape(B, self.groups, self.heads // self.groups, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=static.mask,
-                                             scale=1.0 / math.sqrt(self.head_dim))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
         return out.reshape(B, 1, self.heads * self.head_dim)
 
 
