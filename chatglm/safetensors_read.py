@@ -88,13 +88,9 @@ def iter_safetensors(path: str | Path, read_ahead: int = 2) -> Iterator[tuple[st
 
     A reader thread keeps up to ``read_ahead`` tensors ready (file reads release the GIL), so the
     disk works while the caller converts or packs the previous tensor; 0 reads in the caller."""
-    start, header = read_header(path)
-    entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    tensors = _read_in_order(path)
     if read_ahead <= 0:
-        with open(path, "rb", buffering=0) as f:
-            _advise_read_ahead(f)
-            for key, entry in entries:
-                yield key, _read_tensor(f, start, key, entry)
+        yield from tensors
         return
     ready: queue.Queue = queue.Queue(maxsize=read_ahead)
     stop = threading.Event()
@@ -109,12 +105,11 @@ def iter_safetensors(path: str | Path, read_ahead: int = 2) -> Iterator[tuple[st
 
     def reader() -> None:
         try:
-            with open(path, "rb", buffering=0) as f:
-                _advise_read_ahead(f)
-                for key, entry in entries:
-                    if stop.is_set():
-                        return
-                    put((key, _read_tensor(f, start, key, entry)))
+            for item in tensors:
+                put(item)
+                if stop.is_set():  # the caller stopped: read no further
+                    tensors.close()
+                    return
             put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             put(exc)
@@ -131,6 +126,11 @@ def iter_safetensors(path: str | Path, read_ahead: int = 2) -> Iterator[tuple[st
         thread.join()
 
 
-def _advise_read_ahead(f) -> None:
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+def _read_in_order(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in file order, read in the calling thread, the OS asked to read ahead."""
+    start, header = read_header(path)
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            yield key, _read_tensor(f, start, key, entry)
