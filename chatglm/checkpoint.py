@@ -85,6 +85,11 @@ def _read_bin(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _unreadable_safetensors(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}; "
+                           f"re-download it: {DOWNLOAD_HINT}")
+
+
 def iter_tensors(files: WeightFiles) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """Yield ``(key, tensor, file)`` one file at a time."""
     for path in files.files:
@@ -95,8 +100,7 @@ def iter_tensors(files: WeightFiles) -> Iterator[tuple[str, torch.Tensor, Path]]
             for key, tensor in iter_safetensors(path):
                 yield key, tensor, path
         except (SafetensorsFormatError, OSError) as exc:
-            raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}; "
-                                  f"re-download it: {DOWNLOAD_HINT}") from None
+            raise _unreadable_safetensors(path, exc) from None
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -114,16 +118,11 @@ def stored_keys(files: WeightFiles) -> list[str]:
         return list(json.loads(files.index.read_text(encoding="utf-8"))["weight_map"])
     if files.kind == "bin":
         return list(_read_bin(files.files[0]))
-    return [key for key, _, _ in _safetensors_keys(files.files[0])]
-
-
-def _safetensors_keys(path: Path) -> Iterator[tuple[str, None, Path]]:
+    path = files.files[0]
     try:
-        keys = list(read_header(path)[1])
+        return list(read_header(path)[1])
     except (SafetensorsFormatError, OSError) as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupt?): {exc}; "
-                              f"re-download it: {DOWNLOAD_HINT}") from None
-    return ((k, None, path) for k in keys)
+        raise _unreadable_safetensors(path, exc) from None
 
 
 def _spec(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
