@@ -55,15 +55,13 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
         return
     stops = set(stop_ids)
     device = model.device
-    decoder = None
-    if static if static is not None else device.type == "cuda":
-        decoder = decoder_pool(model).acquire(1, len(input_ids) + max_new_tokens)
-    if decoder is not None:
-        cache = decoder.cache
-    else:
-        cache = KVCache(model.config, 1, len(input_ids) + max_new_tokens, device, model.dtype)
+    needed = len(input_ids) + max_new_tokens
+    use_static = device.type == "cuda" if static is None else static
+    decoder = decoder_pool(model).acquire(1, needed) if use_static else None
+    cache = decoder.cache if decoder is not None else KVCache(model.config, 1, needed, device, model.dtype)
     history = torch.tensor(input_ids, dtype=torch.long)
     produced: list[int] = []
+
     def choose(logits: torch.Tensor) -> int:
         logits = logits.float().cpu()
         if vocab_limit is not None and vocab_limit < logits.numel():

@@ -7,15 +7,17 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from . import measure
 from ..kernels.dispatch import default_dtype
+from . import measure
 from .randomckpt import SHAPES, ensure_checkpoint
 from .report import summarize, table
 
@@ -104,8 +106,6 @@ def time_chatglm_cpp(path: str | None, tokens: int) -> dict:
         return {"status": "not installed (optional: pip install chatglm-cpp)"}
     if not path:
         return {"status": "installed, but no --chatglm-cpp-model GGML file was given"}
-    import statistics
-    import time
     try:
         pipe = chatglm_cpp.Pipeline(path)
         config = chatglm_cpp.GenerationConfig(max_length=4096, do_sample=False)

@@ -3,9 +3,8 @@
 Backends: ``cpu-int4`` (torch's CPU int4 kernel for decode, an int8 GEMM for prefill; bfloat16
 models on CPU), ``cuda-int4pack`` (torch's tinygemm kernel: bfloat16 models on CUDA GPUs of compute
 capability 8.0+, after a self-check), ``triton`` (fused dequantize-and-multiply on any CUDA GPU) and
-``reference`` (dequantize the
-whole weight to the activation dtype, then matmul: exact, slow; float32 models use it so that their
-numbers equal the reference implementation's).
+``reference`` (dequantize the whole weight to the activation dtype, then matmul: exact, slow; float32
+models use it so that their numbers equal the reference implementation's).
 """
 from __future__ import annotations
 
