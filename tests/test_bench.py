@@ -55,3 +55,10 @@ def test_bench_rejects_bad_arguments():
     result = subprocess.run([sys.executable, "-m", "chatglm.bench", "--prompts", "8,x"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--prompts must be comma-separated integers" in result.stderr
+
+
+def test_bench_names_a_weights_directory_without_weights(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "chatglm.bench", "--weights", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "--weights: no weights in" in result.stderr
+    assert "Traceback" not in result.stderr

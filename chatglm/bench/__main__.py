@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import CheckpointError, find_weight_files
 from ..kernels.dispatch import default_dtype
 from . import measure
 from .randomckpt import SHAPES, ensure_checkpoint
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     if args.weights:
         model_dir = Path(args.weights)
+        try:
+            find_weight_files(model_dir)
+        except CheckpointError as exc:
+            raise SystemExit(f"--weights: {exc}") from None
     else:
         print(f"random {args.shape} int4 checkpoint in {args.cache_dir} (built once) ...", flush=True)
         model_dir = ensure_checkpoint(args.cache_dir, args.shape)
