@@ -8,7 +8,7 @@ from typing import Any, Optional
 from cog import BasePredictor, ConcatenateIterator, Input, current_scope
 
 from chatglm import GenerationStats, Pipeline
-from chatglm.inputs import build_request
+from chatglm.serving.inputs import build_request
 
 DEFAULT_WEIGHTS = "weights"
 MAX_SEED = 2**32 - 1

@@ -5,8 +5,8 @@ import argparse
 import os
 import sys
 
-from .inputs import InputError, build_request
-from .pipeline import GenerationStats, Pipeline
+from .serving.inputs import InputError, build_request
+from .serving.pipeline import GenerationStats, Pipeline
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,7 @@ def make_predictor(model_dir: Path) -> Any:
 def expected_reply(format_name: str, generated: str) -> str:
     """What the caller should see for the raw ``generated`` text: ChatGLM2 text without leading
     whitespace; ChatGLM3 without its metadata line, or one tool-call JSON for a non-empty one."""
-    from chatglm.reply import ToolCallParseError, parse_tool_call
+    from chatglm.text.reply import ToolCallParseError, parse_tool_call
 
     if format_name == "chatglm2" or "\n" not in generated:
         return generated.lstrip()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from chatglm.bench.randomckpt import bench_config, ensure_checkpoint
-from chatglm.checkpoint import load_model
+from chatglm.weights.checkpoint import load_model
 from chatglm.config import ChatGLMConfig
 
 ROOT = Path(__file__).resolve().parent.parent

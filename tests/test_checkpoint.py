@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatglm.checkpoint import CheckpointError, load_model
+from chatglm.weights.checkpoint import CheckpointError, load_model
 from chatglm.config import ChatGLMConfig, UnsupportedConfigError
 from tests.tiny import random_state, tiny_config, write_model
 
@@ -127,7 +127,7 @@ def test_config_reads_official_keys():
 def test_safetensors_reader_matches_the_library_and_refuses_malformed_files(tmp_path):
     from safetensors.torch import save_file
 
-    from chatglm.safetensors_read import SafetensorsFormatError, iter_safetensors, read_header
+    from chatglm.weights.safetensors_read import SafetensorsFormatError, iter_safetensors, read_header
     g = torch.Generator().manual_seed(0)
     tensors = {"a.f16": torch.randn(3, 5, generator=g).half(), "b.bf16": torch.randn(7, generator=g).bfloat16(),
                "c.i8": torch.randint(-128, 128, (4, 6), generator=g, dtype=torch.int8),
@@ -158,7 +158,7 @@ def test_safetensors_reader_thread_stops_when_the_caller_stops_early(tmp_path):
 
     from safetensors.torch import save_file
 
-    from chatglm.safetensors_read import iter_safetensors
+    from chatglm.weights.safetensors_read import iter_safetensors
     tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(20)}
     path = tmp_path / "m.safetensors"
     save_file(tensors, str(path))

@@ -7,14 +7,15 @@ import logging
 import pytest
 import torch
 
-from chatglm import generate, graph
-from chatglm.cache import KVCache, cache_usage
-from chatglm.checkpoint import load_model
+from chatglm.serving import generation as generate
+from chatglm.model import graph
+from chatglm.model.cache import KVCache, cache_usage
+from chatglm.weights.checkpoint import load_model
 from chatglm.config import ChatGLMConfig
-from chatglm.generate import generate_ids
-from chatglm.graph import DecoderPool, GraphedDecoder, bucket_capacity, decoder_pool, graphs_enabled, release_decoders
-from chatglm.model import ChatGLMForConditionalGeneration
-from chatglm.sampling import SamplingParams
+from chatglm.serving.generation import generate_ids
+from chatglm.model.graph import DecoderPool, GraphedDecoder, bucket_capacity, decoder_pool, graphs_enabled, release_decoders
+from chatglm.model.transformer import ChatGLMForConditionalGeneration
+from chatglm.serving.sampling import SamplingParams
 from tests.tiny import random_state, tiny_config, write_model
 
 PROMPT = [64790, 64792, 36474, 54591, 31123, 13, 30910, 100, 2000, 3, 77, 5000]
@@ -30,8 +31,8 @@ def _load(model_dir, variant: str = "float") -> ChatGLMForConditionalGeneration:
     model = load_model(model_dir, ChatGLMConfig.from_json(model_dir / "config.json"),
                        quantize=None if variant == "float" else 4)
     if variant == "int4-triton":
-        from chatglm.kernels import triton_int4
-        from chatglm.kernels.dispatch import prepare_model
+        from chatglm.quant.kernels import triton_int4
+        from chatglm.quant.dispatch import prepare_model
         if not triton_int4.is_available():
             pytest.skip("Triton (or its CPU interpreter) is not available")
         assert prepare_model(model, "triton") == "triton"
@@ -201,7 +202,7 @@ def test_no_capture_is_attempted_on_cpu(model_dir, monkeypatch, caplog):
     monkeypatch.setenv(graph.ENV_VAR, "1")
     assert not graphs_enabled("cpu") and not graphs_enabled(torch.device("cpu"))
     model = _load(model_dir)
-    with caplog.at_level(logging.INFO, logger="chatglm.graph"):
+    with caplog.at_level(logging.INFO, logger="chatglm.model.graph"):
         assert _generate(model, 4, static=True) == _generate(model, 4)
         assert GraphedDecoder(model, 1, 64).graphed is False
     assert attempts == [] and not [r for r in caplog.records if r.name.startswith("chatglm")]
@@ -221,7 +222,7 @@ def test_graphs_env_switch(monkeypatch):
 
 def test_failed_capture_is_logged_and_runs_the_same_step_eagerly(model_dir, caplog):
     model = _load(model_dir, "int4")
-    with caplog.at_level(logging.WARNING, logger="chatglm.graph"):
+    with caplog.at_level(logging.WARNING, logger="chatglm.model.graph"):
         forced = GraphedDecoder(model, 1, 64, use_graph=True)  # no CUDA here: the capture fails
     assert not forced.graphed
     assert "CUDA graph capture of the decode step failed" in caplog.text and "Traceback" in caplog.text

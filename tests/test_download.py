@@ -91,7 +91,7 @@ def _resolve_paths(hub: FakeHub) -> list[str]:
 
 def test_int4_repo_lands_unconverted(hub: FakeHub, chatglm2_dir: Path, tmp_path: Path) -> None:
     from chatglm import Pipeline
-    from chatglm.download import download
+    from chatglm.weights.download import download
 
     repo = hub.add(repo_from_dir(INT4_REPO, chatglm2_dir, commit_prefix="382cc704", extra_files=EXTRA_FILES))
     out = download(INT4_REPO, tmp_path / "weights")
@@ -122,8 +122,8 @@ def test_fp16_repo_is_converted_to_int4_once(hub: FakeHub, fp16_dir: Path, tmp_p
     from safetensors import safe_open
 
     from chatglm import Pipeline
-    from chatglm.download import download
-    from chatglm.quant import QUANTIZED_LINEARS
+    from chatglm.weights.download import download
+    from chatglm.quant.int4 import QUANTIZED_LINEARS
 
     repo = hub.add(repo_from_dir(FP16_REPO, fp16_dir, extra_files=EXTRA_FILES))
     out = download(FP16_REPO, tmp_path / "weights")
@@ -157,7 +157,7 @@ def test_fp16_repo_is_converted_to_int4_once(hub: FakeHub, fp16_dir: Path, tmp_p
 
 
 def test_keep_fp16_moves_the_files_unconverted(hub: FakeHub, fp16_dir: Path, tmp_path: Path) -> None:
-    from chatglm.download import download
+    from chatglm.weights.download import download
 
     repo = hub.add(repo_from_dir(FP16_REPO, fp16_dir))
     out = download(FP16_REPO, tmp_path / "weights", revision=repo.commit[:10], convert=False)
@@ -174,7 +174,7 @@ def test_second_download_replaces_the_first_models_files(hub: FakeHub, fp16_dir:
     from huggingface_hub.errors import RevisionNotFoundError
 
     from chatglm import Pipeline
-    from chatglm.download import download
+    from chatglm.weights.download import download
 
     hub.add(repo_from_dir(FP16_REPO, fp16_dir))
     repo = hub.add(repo_from_dir(INT4_REPO, chatglm2_dir, commit_prefix="382cc704"))
@@ -199,7 +199,7 @@ def test_second_download_replaces_the_first_models_files(hub: FakeHub, fp16_dir:
 
 
 def test_unknown_repo_without_revision_is_a_clear_error(hub: FakeHub, tmp_path: Path) -> None:
-    from chatglm.download import download
+    from chatglm.weights.download import download
 
     with pytest.raises(ValueError, match="someone/model: no pinned revision; pass --revision") as info:
         download("someone/model", tmp_path / "weights")
@@ -211,7 +211,7 @@ def test_unknown_repo_without_revision_is_a_clear_error(hub: FakeHub, tmp_path: 
 def test_unknown_repo_or_revision_on_the_hub(hub: FakeHub, chatglm2_dir: Path, tmp_path: Path) -> None:
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    from chatglm.download import download
+    from chatglm.weights.download import download
 
     with pytest.raises(RepositoryNotFoundError):
         download("someone/model", tmp_path / "a", revision="main")
@@ -224,7 +224,7 @@ def test_unknown_repo_or_revision_on_the_hub(hub: FakeHub, chatglm2_dir: Path, t
 
 def test_download_command_line(hub: FakeHub, chatglm2_dir: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
-    from chatglm.download import main
+    from chatglm.weights.download import main
 
     repo: FakeRepo = hub.add(repo_from_dir(INT4_REPO, chatglm2_dir, commit_prefix="382cc704"))
     main([INT4_REPO, "--out", str(tmp_path / "w")])
@@ -252,9 +252,9 @@ def test_download_subprocess_reads_hf_endpoint(chatglm2_dir: Path, tmp_path: Pat
 def test_convert_command(fp16_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from chatglm.convert import convert_to_int4
+    from chatglm.weights.convert import convert_to_int4
 
-    result = subprocess.run([sys.executable, "-m", "chatglm.convert", str(fp16_dir), str(tmp_path / "cli")],
+    result = subprocess.run([sys.executable, "-m", "chatglm.weights.convert", str(fp16_dir), str(tmp_path / "cli")],
                             cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "cli")
@@ -265,7 +265,7 @@ def test_convert_command(fp16_dir: Path, tmp_path: Path) -> None:
         assert torch.equal(got[key], want[key]), key
     assert json.loads((tmp_path / "cli" / "config.json").read_text()) == \
         json.loads((tmp_path / "api" / "config.json").read_text())
-    bad = subprocess.run([sys.executable, "-m", "chatglm.convert", str(fp16_dir), str(fp16_dir)],
+    bad = subprocess.run([sys.executable, "-m", "chatglm.weights.convert", str(fp16_dir), str(fp16_dir)],
                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert bad.returncode != 0 and "must differ" in bad.stderr
 

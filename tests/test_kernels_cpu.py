@@ -15,8 +15,9 @@ import math
 import pytest
 import torch
 
-from chatglm.kernels import cpu_int4, cpu_pack
-from chatglm.quant import dequantize_int4, pack_int4, unpack_int4
+from chatglm.quant.kernels import cpu_int4
+from chatglm.quant.kernels import cpu_pack
+from chatglm.quant.int4 import dequantize_int4, pack_int4, unpack_int4
 
 pytestmark = pytest.mark.skipif(
     not cpu_int4.is_available(),
@@ -251,8 +252,8 @@ def test_chunks_keep_every_op_below_the_parallel_grain() -> None:
 
 
 def test_tinygemm_bytes_keep_the_official_nibble_order_with_unsigned_codes() -> None:
-    from chatglm.kernels import cuda_int4pack
-    from chatglm.quant import pack_int4, unpack_int4
+    from chatglm.quant.kernels import cuda_int4pack
+    from chatglm.quant.int4 import pack_int4, unpack_int4
     codes = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)  # [3, 32]
     got = cuda_int4pack.tinygemm_bytes(pack_int4(codes))
     assert got.dtype == torch.uint8 and got.shape == (3, 16)
@@ -264,8 +265,9 @@ def test_tinygemm_bytes_keep_the_official_nibble_order_with_unsigned_codes() -> 
 
 
 def test_cuda_int4pack_is_never_chosen_or_usable_without_a_cuda_gpu(tmp_path) -> None:
-    from chatglm.kernels import cuda_int4pack, dispatch
-    from chatglm.quant import Int4Linear
+    from chatglm.quant.kernels import cuda_int4pack
+    from chatglm.quant import dispatch
+    from chatglm.quant.linear import Int4Linear
     assert not cuda_int4pack.is_available(torch.device("cpu"))
     assert dispatch.choose_backend(torch.device("cpu"), torch.bfloat16) in ("cpu-int4", "reference")
     assert dispatch.default_dtype(torch.device("cpu")) == torch.bfloat16

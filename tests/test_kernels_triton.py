@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from chatglm.kernels import triton_int4
-from chatglm.quant import dequantize_int4, pack_int4
+from chatglm.quant.kernels import triton_int4
+from chatglm.quant.int4 import dequantize_int4, pack_int4
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None,

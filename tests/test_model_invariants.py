@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatglm.checkpoint import load_model
+from chatglm.weights.checkpoint import load_model
 from chatglm.config import ChatGLMConfig
-from chatglm.generate import ContextLengthError, generate_ids
-from chatglm.model import ChatGLMForConditionalGeneration
-from chatglm.quant import dequantize_int4, pack_int4, quantize_int4, quantize_module, unpack_int4
-from chatglm.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p
+from chatglm.serving.generation import ContextLengthError, generate_ids
+from chatglm.model.transformer import ChatGLMForConditionalGeneration
+from chatglm.quant.linear import quantize_module
+from chatglm.quant.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from chatglm.serving.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p
 from tests.tiny import random_state, tiny_config, write_model
 
 PROMPT = [64790, 64792, 36474, 54591, 31123, 13, 30910, 100, 2000, 3, 77, 5000]
@@ -40,7 +41,7 @@ def test_cached_decoding_equals_full_forward(model_dir, quantize):
     assert cached == ids[len(PROMPT):]
     with torch.inference_mode():
         full = model(torch.tensor([ids]))[0, len(PROMPT) - 1:-1]
-        from chatglm.cache import KVCache
+        from chatglm.model.cache import KVCache
         cache = KVCache(model.config, 1, len(ids), "cpu", model.dtype)
         model(torch.tensor([PROMPT[:5]]), cache=cache)
         model(torch.tensor([PROMPT[5:]]), cache=cache)  # a chunked prefill continues the cache
@@ -152,7 +153,7 @@ def test_sampling_functions_are_pure_and_correct():
 
 
 def test_top_k_candidates_sample_the_fully_filtered_distribution():
-    from chatglm.sampling import select_token
+    from chatglm.serving.sampling import select_token
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(300, generator=gen) * 2
     logits[[10, 11]] = logits.max() + 1  # a tie at the top
@@ -170,7 +171,7 @@ def test_top_k_candidates_sample_the_fully_filtered_distribution():
 
 
 def test_chunked_prefill_equals_one_pass(model_dir, monkeypatch):
-    from chatglm import generate
+    from chatglm.serving import generation as generate
 
     model = _load(model_dir)
     whole = _greedy(model, PROMPT)
@@ -179,8 +180,8 @@ def test_chunked_prefill_equals_one_pass(model_dir, monkeypatch):
 
 
 def test_fast_int4_backend_stays_close_to_the_reference(model_dir):
-    from chatglm.kernels import cpu_int4
-    from chatglm.kernels.dispatch import prepare_model
+    from chatglm.quant.kernels import cpu_int4
+    from chatglm.quant.dispatch import prepare_model
 
     if not cpu_int4.is_available():
         pytest.skip("torch's CPU int4 kernel is not available on this machine")

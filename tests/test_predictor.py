@@ -132,7 +132,7 @@ TOOL_CALL = {"tool_call": {"name": "get_current_weather", "arguments": {"locatio
 
 
 def _reply_chunks(text: str, pieces: list[str]) -> list[str]:
-    from chatglm.reply import Chatglm3Reply
+    from chatglm.text.reply import Chatglm3Reply
 
     reply = Chatglm3Reply()
     out = [reply.push(p) for p in pieces] + [reply.finish(), reply.tool_call]
@@ -149,7 +149,7 @@ def test_chatglm3_tool_call_is_one_json_chunk(split: str) -> None:
 
 
 def test_parse_tool_call_accepts_literals_only() -> None:
-    from chatglm.reply import ToolCallParseError, parse_tool_call
+    from chatglm.text.reply import ToolCallParseError, parse_tool_call
 
     assert parse_tool_call("```python\ntool_call(location='北京', unit='celsius')\n```") == \
         {"location": "北京", "unit": "celsius"}
@@ -162,7 +162,7 @@ def test_parse_tool_call_accepts_literals_only() -> None:
 
 
 def test_malicious_tool_call_is_never_executed(tmp_path: Path) -> None:
-    from chatglm.reply import ToolCallParseError, parse_tool_call
+    from chatglm.text.reply import ToolCallParseError, parse_tool_call
 
     marker = tmp_path / "pwned"
     code = f"tool_call(a=__import__('os').system('touch {marker}'))"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import prompts
-from chatglm.tokenizer import ChatGLMTokenizer
+from chatglm.text.tokenizer import ChatGLMTokenizer
 from prompts import chatglm2, chatglm3
 from tests.conftest import FIXTURES, load_json, needs_shared
 

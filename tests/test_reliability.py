@@ -15,9 +15,9 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 
-from chatglm import generate
-from chatglm.cache import cache_usage
-from chatglm.inputs import InputError, build_request, parse_stop_sequences
+from chatglm.serving import generation as generate
+from chatglm.model.cache import cache_usage
+from chatglm.serving.inputs import InputError, build_request, parse_stop_sequences
 from tests.cogserver import CogServer, WebhookReceiver, local_session
 from tests.predict_helpers import make_predictor, predict_chunks, predict_defaults, predict_text
 from tests.reliability_helpers import count_forward, process_tree, rss_kib, short_context_copy
@@ -185,7 +185,7 @@ def test_max_tokens_beyond_the_context_is_clamped_and_logged(short2: Any, caplog
     pipe = short2.pipe
     n_prompt = len(pipe.build_input_ids([{"role": "user", "content": "你好"}]))
     stats = GenerationStats()
-    with caplog.at_level(logging.WARNING, logger="chatglm.generate"):
+    with caplog.at_level(logging.WARNING, logger="chatglm.serving.generation"):
         text = "".join(pipe.stream([{"role": "user", "content": "你好"}], max_new_tokens=32768, temperature=0.0,
                                    stats=stats))
     room = 64 - n_prompt
@@ -310,7 +310,7 @@ def test_cancel_signal_inside_a_decode_step_frees_the_cache(predictor3: Any) -> 
 # --- long context (ChatGLM3-32K fixture) ------------------------------------------------------------
 
 def test_kv_cache_counters_and_release() -> None:
-    from chatglm.cache import KVCache
+    from chatglm.model.cache import KVCache
     from chatglm.config import ChatGLMConfig
 
     cfg = ChatGLMConfig.from_dict(tiny_config())

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from chatglm.streaming import INCOMPLETE, INVALID, StopSequenceMatcher, utf8_char_status
-from chatglm.tokenizer import ChatGLMTokenizer
+from chatglm.text.stops import StopSequenceMatcher
+from chatglm.text.stream import INCOMPLETE, INVALID, utf8_char_status
+from chatglm.text.tokenizer import ChatGLMTokenizer
 from tests.conftest import FIXTURES, load_json
 
 FFFD = "\ufffd"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chatglm.tokenizer import ChatGLMTokenizer
+from chatglm.text.tokenizer import ChatGLMTokenizer
 from tests.conftest import FIXTURES, TOKENIZER_MODEL, load_json, needs_shared
 
 CASES_FILE = FIXTURES / "tokenizer" / "cases.json"

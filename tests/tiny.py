@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from chatglm.convert import save_safetensors
-from chatglm.quant import QUANTIZED_LINEARS, quantize_int4
+from chatglm.weights.convert import save_safetensors
+from chatglm.quant.int4 import QUANTIZED_LINEARS, quantize_int4
 
 BASE_CONFIG = {
     "_name_or_path": "THUDM/chatglm2-6b", "model_type": "chatglm", "architectures": ["ChatGLMModel"],

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, find_weight_files
-from ..kernels.dispatch import default_dtype
+from ..weights.checkpoint import CheckpointError, find_weight_files
+from ..quant.dispatch import default_dtype
 from . import measure
 from .randomckpt import SHAPES, ensure_checkpoint
 from .report import summarize, table

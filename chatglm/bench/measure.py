@@ -13,12 +13,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import find_weight_files, load_model
+from ..weights.checkpoint import find_weight_files, load_model
 from ..config import ChatGLMConfig
-from ..generate import generate_ids
-from ..kernels.dispatch import choose_backend, prepare_model
-from ..quant import Int4Linear
-from ..sampling import SamplingParams
+from ..serving.generation import generate_ids
+from ..quant.dispatch import choose_backend, prepare_model
+from ..quant.linear import Int4Linear
+from ..serving.sampling import SamplingParams
 
 READ_BLOCK = 64 << 20
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import ChatGLMConfig
-from ..convert import save_safetensors
+from ..weights.convert import save_safetensors
 
 SHAPES: dict[str, dict] = {
     "6b": {},  # the ChatGLM2-6B defaults of ChatGLMConfig

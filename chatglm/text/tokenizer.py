@@ -12,7 +12,7 @@ from typing import ClassVar, Iterable
 
 import sentencepiece as spm
 
-from .streaming import StreamDecoder
+from .stream import StreamDecoder
 
 
 class ChatGLMTokenizer:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant import dequantize_int4
+from ..int4 import dequantize_int4
 
 log = logging.getLogger(__name__)
 INNER_K_TILES = 8

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import find_weight_files, iter_tensors
-from .config import ChatGLMConfig
-from .quant import QUANTIZED_LINEARS, quantize_int4
+from ..config import ChatGLMConfig
+from ..quant.int4 import QUANTIZED_LINEARS, quantize_int4
 
 COPY_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenization_chatglm.py", "MODEL_LICENSE",
               "generation_config.json")

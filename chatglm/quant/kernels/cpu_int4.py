@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..quant import unpack_int4
+from ..int4 import unpack_int4
 from . import cpu_pack
 
 PREFILL_MIN_ROWS = 64

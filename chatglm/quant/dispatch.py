@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import dequantize_int4
+from .int4 import dequantize_int4
 
 BACKENDS = ("auto", "reference", "cpu-int4", "cuda-int4pack", "triton")
 _DROPS_WEIGHT = ("cpu-int4", "cuda-int4pack")  # backends that keep only their packed copy
@@ -47,7 +47,7 @@ class RowLinear(nn.Module):
 
 
 def _triton_call(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    from .triton_int4 import int4_matmul
+    from .kernels.triton_int4 import int4_matmul
     lead = x.shape[:-1]
     return int4_matmul(x.reshape(-1, x.shape[-1]), weight, scale).reshape(*lead, weight.shape[0])
 
@@ -63,12 +63,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def choose_backend(device: torch.device, dtype: torch.dtype) -> str:
     """The fastest backend that runs for a model on ``device`` computing in ``dtype``."""
     if device.type == "cuda":
-        from . import cuda_int4pack, triton_int4
+        from .kernels import cuda_int4pack
+        from .kernels import triton_int4
         if dtype == torch.bfloat16 and cuda_int4pack.is_available(torch.device(device)):
             return "cuda-int4pack"
         return "triton" if triton_int4.is_available() else "reference"
     if device.type == "cpu" and dtype == torch.bfloat16:
-        from . import cpu_int4
+        from .kernels import cpu_int4
         return "cpu-int4" if cpu_int4.is_available() else "reference"
     return "reference"
 
@@ -82,7 +83,7 @@ def prepare_layer(layer, backend: str) -> None:
                              f"holds the official weight; reload the model to use the {backend!r} backend")
         return
     if backend == "cuda-int4pack":
-        from . import cuda_int4pack
+        from .kernels import cuda_int4pack
         if not cuda_int4pack.is_available(layer.weight.device):
             raise ValueError(f"the cuda-int4pack backend is not available on {layer.weight.device}: it needs a "
                              "CUDA GPU of compute capability 8.0+ whose tinygemm kernel passes the self-check "
@@ -94,11 +95,11 @@ def prepare_layer(layer, backend: str) -> None:
     elif backend == "triton":
         layer.packed = functools.partial(_triton_call, weight=layer.weight, scale=layer.weight_scale)
     elif backend == "cpu-int4":
-        from . import cpu_int4
+        from .kernels import cpu_int4
         layer.packed = functools.partial(cpu_int4.matmul, w=cpu_int4.pack(layer.weight, layer.weight_scale,
                                                                            inplace=True))
     elif backend == "cuda-int4pack":
-        from . import cuda_int4pack
+        from .kernels import cuda_int4pack
         layer.packed = functools.partial(cuda_int4pack.matmul, w=cuda_int4pack.pack(layer.weight, layer.weight_scale))
     else:
         raise ValueError(f"unknown int4 backend {backend!r}; allowed: {', '.join(BACKENDS[1:])}")
@@ -112,7 +113,7 @@ def prepare_model(model: torch.nn.Module, backend: str = "auto") -> str:
     return the backend's name. ``cpu-int4`` and ``cuda-int4pack`` repack each weight and drop the
     official tensor, so a prepared model holds its int4 weights once; the output layer becomes a
     :class:`RowLinear` (same weight) whose decode GEMV is faster."""
-    from ..quant import Int4Linear
+    from .linear import Int4Linear
     if backend not in BACKENDS:
         raise ValueError(f"unknown int4 backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]

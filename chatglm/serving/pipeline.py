@@ -12,15 +12,15 @@ import torch
 
 import prompts
 
-from .checkpoint import load_model
-from .config import ChatGLMConfig
-from .family import detect_family, prompt_format
-from .generate import check_prompt_length, generate_ids
-from .model import ChatGLMForConditionalGeneration
-from .reply import Chatglm3Reply, PlainReply
+from ..weights.checkpoint import load_model
+from ..config import ChatGLMConfig
+from ..family import detect_family, prompt_format
+from .generation import check_prompt_length, generate_ids
+from ..model.transformer import ChatGLMForConditionalGeneration
+from ..text.reply import Chatglm3Reply, PlainReply
 from .sampling import SamplingParams
-from .streaming import StopSequenceMatcher
-from .tokenizer import ChatGLMTokenizer
+from ..text.stops import StopSequenceMatcher
+from ..text.tokenizer import ChatGLMTokenizer
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1
@@ -78,7 +78,7 @@ class Pipeline:
         """
         model_dir = Path(model_dir)
         dev = resolve_device(device)
-        from .kernels.dispatch import choose_backend, default_dtype, prepare_model
+        from ..quant.dispatch import choose_backend, default_dtype, prepare_model
         dtype = dtype or default_dtype(dev)
         config = ChatGLMConfig.from_json(model_dir / "config.json")
         fam = detect_family(model_dir, config, family)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ChatGLMConfig
+from ..config import ChatGLMConfig
 
 _lock = threading.RLock()  # re-entrant: release() may run from __del__ while the lock is held
 _live = 0

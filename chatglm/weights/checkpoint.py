@@ -19,10 +19,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import ChatGLMConfig
-from .kernels.dispatch import prepare_layer
-from .model import ChatGLMForConditionalGeneration
-from .quant import Int4Linear, quantize_int4, swap_to_int4
+from ..config import ChatGLMConfig
+from ..quant.dispatch import prepare_layer
+from ..model.transformer import ChatGLMForConditionalGeneration
+from ..quant.linear import Int4Linear, swap_to_int4
+from ..quant.int4 import quantize_int4
 from .safetensors_read import SafetensorsFormatError, iter_safetensors, read_header
 
 IGNORED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)

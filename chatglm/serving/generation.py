@@ -6,9 +6,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .cache import KVCache
-from .graph import decoder_pool
-from .model import ChatGLMForConditionalGeneration
+from ..model.cache import KVCache
+from ..model.graph import decoder_pool
+from ..model.transformer import ChatGLMForConditionalGeneration
 from .sampling import SamplingParams, select_token
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from collections import OrderedDict
 import torch
 
 from .cache import KVCache
-from .model import ChatGLMForConditionalGeneration
+from .transformer import ChatGLMForConditionalGeneration
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .config import ChatGLMConfig
+from ..config import ChatGLMConfig
 
 
 class RMSNorm(nn.Module):
