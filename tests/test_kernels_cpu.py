@@ -264,19 +264,23 @@ def test_tinygemm_bytes_keep_the_official_nibble_order_with_unsigned_codes() -> 
     assert not cuda_int4pack.supports_shape(4, 4096) and not cuda_int4pack.supports_shape(64, 100)
 
 
-def test_cuda_int4pack_is_never_chosen_or_usable_without_a_cuda_gpu(tmp_path) -> None:
-    from chatglm.quant.kernels import cuda_int4pack
+def test_cuda_backends_are_never_candidates_or_usable_without_a_cuda_gpu(tmp_path) -> None:
     from chatglm.quant import dispatch
+    from chatglm.quant.kernels import cuda_int4pack
     from chatglm.quant.linear import Int4Linear
-    assert not cuda_int4pack.is_available(torch.device("cpu"))
-    assert dispatch.choose_backend(torch.device("cpu"), torch.bfloat16) in ("cpu-int4", "reference")
-    assert dispatch.default_dtype(torch.device("cpu")) == torch.bfloat16
+    cpu = torch.device("cpu")
+    assert cuda_int4pack.unavailable(cpu) == "needs a CUDA GPU"
+    assert not {"cuda-int4pack", "triton"} & set(dispatch.candidates(cpu, torch.bfloat16))
+    assert dispatch.candidates(cpu, torch.float32) == ["reference"]
+    assert dispatch.default_dtype(cpu) == torch.bfloat16
     layer = Int4Linear(64, 64, bias=False)
     layer.weight.zero_()
     layer.weight_scale.fill_(1)
-    with pytest.raises(ValueError, match="needs a CUDA GPU of compute capability 8.0"):
-        dispatch.prepare_layer(layer, "cuda-int4pack")
+    with pytest.raises(ValueError, match="unknown int4 backend 'nope'"):
+        dispatch.prepare_layer(layer, "nope")
     dispatch.prepare_layer(layer, "cpu-int4")
+    assert layer.backend == "cpu-int4" and layer.weight is None
+    assert {"packed_weight", "packed_scales_and_zeros", "packed_row_scale"} <= set(dict(layer.named_buffers()))
     dispatch.prepare_layer(layer, "cpu-int4")  # already packed: a no-op
     with pytest.raises(ValueError, match="packed for cpu-int4"):
         dispatch.prepare_layer(layer, "reference")

@@ -186,10 +186,10 @@ def test_fast_int4_backend_stays_close_to_the_reference(model_dir):
     if not cpu_int4.is_available():
         pytest.skip("torch's CPU int4 kernel is not available on this machine")
     ref = _load(model_dir, quantize=4)  # float32: the reference dequantize-then-matmul backend
-    assert prepare_model(ref) == "reference"
+    assert prepare_model(ref, "reference") == "reference"
     fast = _load(model_dir, quantize=4, dtype=torch.bfloat16)
     slow = _load(model_dir, quantize=4, dtype=torch.bfloat16)
-    assert prepare_model(fast) == "cpu-int4" and prepare_model(slow, "reference") == "reference"
+    assert prepare_model(fast, "cpu-int4") == "cpu-int4" and prepare_model(slow, "reference") == "reference"
     ids = torch.tensor([PROMPT * 6])  # 72 rows: the prefill (int8 GEMM) path; decode steps use the kernel
     with torch.inference_mode():
         want, got, bf16_ref = ref(ids), fast(ids), slow(ids)

@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..weights.checkpoint import find_weight_files, load_model
+from ..weights.checkpoint import find_weight_files
 from ..config import ChatGLMConfig
 from ..serving.generation import generate_ids
-from ..quant.dispatch import choose_backend, prepare_model
+from ..serving.loading import load_for_inference
 from ..quant.linear import Int4Linear
 from ..serving.sampling import SamplingParams
 
@@ -100,15 +100,12 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, m: int = 512, k: int =
 
 
 def decode_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes one decode step must read: every weight except the embedding table (one row of it)."""
+    """Bytes one decode step must read: every weight except the embedding table (one row of it).
+    Backends keep their packed tensors as buffers, so they are counted here too."""
     total = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if "word_embeddings" not in name and t is not None:
             total += t.numel() * t.element_size()
-    for layer in model.modules():
-        if isinstance(layer, Int4Linear) and layer.weight is None and layer.packed is not None:
-            w = layer.packed.keywords["w"]
-            total += sum(t.numel() * t.element_size() for t in (w.packed, w.scales_and_zeros))
     return total
 
 
@@ -132,10 +129,7 @@ class ModelRun:
         self.device = device
         self.config = ChatGLMConfig.from_json(Path(model_dir) / "config.json")
         t0 = time.perf_counter()
-        if backend == "auto":
-            backend = choose_backend(device, dtype)
-        self.model = load_model(model_dir, self.config, device=device, dtype=dtype, int4_backend=backend)
-        self.backend = prepare_model(self.model, backend)
+        self.model, self.backend = load_for_inference(model_dir, self.config, device, dtype, backend=backend)
         sync(device)
         self.setup_seconds = time.perf_counter() - t0
         self.rss_after_setup = peak_rss_bytes()

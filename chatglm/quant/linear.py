@@ -1,17 +1,32 @@
 """The int4 linear layer and the module swap that puts it in place of the encoder's linears."""
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .int4 import QUANTIZED_LINEARS, quantize_int4
+from .int4 import QUANTIZED_LINEARS, dequantize_int4, quantize_int4
+
+
+class Int4Kernel(Protocol):
+    """How a prepared :class:`Int4Linear` computes (see :mod:`chatglm.quant.dispatch`)."""
+
+    name: str
+
+    def matmul(self, layer: "Int4Linear", x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in] @ W.T -> [..., out]`` without the bias."""
+        ...
 
 
 class Int4Linear(nn.Module):
     """A linear layer that computes from the official packed int4 weight.
 
     Buffers ``weight`` (int8 ``[out, in/2]``) and ``weight_scale`` (fp16 ``[out]``) carry the official
-    state-dict names. The computation is picked per call by :mod:`chatglm.kernels.dispatch`.
+    state-dict names. A backend may register its own packed buffers beside them (and drop
+    ``weight``); every tensor the layer uses is a buffer, so ``.to()`` and ``state_dict()`` see it.
+    Until a backend is set (``kernel``), the layer dequantizes the whole weight per call: exact, slow.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
@@ -22,14 +37,24 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
-        self.packed = None  # a backend's repacked weight, see chatglm.kernels.dispatch
+        self.kernel: Int4Kernel | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.kernel.name if self.kernel is not None else "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .dispatch import int4_linear
-        return int4_linear(self, x)
+        if self.kernel is not None:
+            y = self.kernel.matmul(self, x)
+        else:
+            y = F.linear(x, dequantize_int4(self.weight, self.weight_scale, x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
+                f"bias={self.bias is not None}, backend={self.backend}")
 
 
 def int4_layer_names(model: nn.Module) -> list[str]:

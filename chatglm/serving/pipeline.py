@@ -12,7 +12,7 @@ import torch
 
 import prompts
 
-from ..weights.checkpoint import load_model
+from .loading import load_for_inference
 from ..config import ChatGLMConfig
 from ..family import detect_family, prompt_format
 from .generation import check_prompt_length, generate_ids
@@ -78,14 +78,12 @@ class Pipeline:
         """
         model_dir = Path(model_dir)
         dev = resolve_device(device)
-        from ..quant.dispatch import choose_backend, default_dtype, prepare_model
+        from ..quant.dispatch import default_dtype
         dtype = dtype or default_dtype(dev)
         config = ChatGLMConfig.from_json(model_dir / "config.json")
         fam = detect_family(model_dir, config, family)
         tokenizer = ChatGLMTokenizer.from_dir(model_dir)
-        backend = choose_backend(dev, dtype)
-        model = load_model(model_dir, config, device=dev, dtype=dtype, quantize=quantize, int4_backend=backend)
-        backend = prepare_model(model, backend)
+        model, backend = load_for_inference(model_dir, config, dev, dtype, quantize)
         log.info("loaded %s (%s) from %s on %s, %s, int4 backend: %s", fam, config.name_or_path, model_dir,
                  dev, dtype, backend)
         return cls(model, tokenizer, config, fam, max_context)

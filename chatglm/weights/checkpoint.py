@@ -14,13 +14,12 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..config import ChatGLMConfig
-from ..quant.dispatch import prepare_layer
 from ..model.transformer import ChatGLMForConditionalGeneration
 from ..quant.linear import Int4Linear, swap_to_int4
 from ..quant.int4 import quantize_int4
@@ -132,14 +131,14 @@ def _spec(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 
 def load_model(model_dir: str | Path, config: ChatGLMConfig, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, quantize: int | None = None,
-               int4_backend: str | None = None) -> ChatGLMForConditionalGeneration:
+               on_int4_layer: Callable[[Int4Linear], None] | None = None) -> ChatGLMForConditionalGeneration:
     """Build the model for ``config`` and fill it from ``model_dir``.
 
     ``quantize=None`` keeps the checkpoint as stored (int4 stays int4); ``quantize=4`` makes an int4
     model, quantizing a float checkpoint tensor by tensor; ``quantize=0`` requires a float checkpoint.
-    Float tensors are cast to ``dtype``; int4 codes stay int8 and their scales fp16. ``int4_backend``
-    (a backend of :mod:`chatglm.kernels.dispatch`, not ``auto``) prepares each int4 layer as soon as
-    its tensors are in, so packing overlaps reading the rest of the file.
+    Float tensors are cast to ``dtype``; int4 codes stay int8 and their scales fp16. ``on_int4_layer``
+    is called with each int4 layer as soon as its tensors are in (e.g. to pack it for a kernel), so
+    that work overlaps reading the rest of the file.
     """
     if quantize not in (None, 0, 4):
         raise ValueError(f"quantize must be None, 0 or 4, got {quantize!r}")
@@ -180,10 +179,10 @@ def load_model(model_dir: str | Path, config: ChatGLMConfig, device: str | torch
             module = key.rpartition(".")[0]
             _assign(model, key, tensor, device, dtype, quantize_now=module in int4_modules
                     and not stored_int4 and key.endswith(".weight"))
-            if int4_backend is not None and module in pending:
+            if on_int4_layer is not None and module in pending:
                 pending[module].discard(key)
                 if not pending[module]:
-                    prepare_layer(model.get_submodule(module), int4_backend)
+                    on_int4_layer(model.get_submodule(module))
 
     missing = [k for k in expected if k not in seen]
     if missing:

@@ -3,24 +3,21 @@
 
 The official ChatGLM int4 bytes map losslessly: tinygemm takes ``uint8 [N, K/2]`` with the even
 column in the high nibble (the official order) and unsigned ``q = code + 8`` (XOR 0x88 on each byte),
-dequantizing ``(q - 8) * scale + zero``: the row scale repeated for every group and zero 0.
+dequantizing ``(q - 8) * scale + zero``. The kernel takes its scales in bfloat16, which would round
+the official fp16 row scales, so it runs with scale 1 and zero 0 (exact for integer codes) and the
+fp16 row scale multiplies each output column in float32 afterwards: a per-row scale factors out of
+the dot product, so the result equals the reference dequantization up to the kernel's accumulation.
 Its packed layout is produced on the GPU at load by ``_convert_weight_to_int4pack`` and never saved.
 
-Before first use on a device, a random weight is multiplied both ways and compared with the
-reference dequantization (:func:`is_available`); on any mismatch or error the kernel is reported
-unavailable with a logged reason, and :mod:`chatglm.kernels.dispatch` uses the Triton kernels.
+Whether the kernel works on a device is decided by :mod:`chatglm.quant.selfcheck` on the model's
+real layer shapes; :func:`unavailable` only rules out devices and builds that cannot run it at all.
 """
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 
-from ..int4 import dequantize_int4
-
-log = logging.getLogger(__name__)
 INNER_K_TILES = 8
 _GROUP_SIZES = (256, 128, 64, 32)
 
@@ -28,7 +25,8 @@ _GROUP_SIZES = (256, 128, 64, 32)
 @dataclass(frozen=True)
 class TinygemmWeight:
     packed: torch.Tensor
-    scales_and_zeros: torch.Tensor  # bfloat16 [K / group_size, N, 2]
+    scales_and_zeros: torch.Tensor  # bfloat16 [K / group_size, N, 2]: scale 1, zero 0
+    row_scale: torch.Tensor  # float32 [N]: the official fp16 row scale, exact
     group_size: int
     in_features: int
     out_features: int
@@ -56,40 +54,24 @@ def pack(weight: torch.Tensor, scale: torch.Tensor) -> TinygemmWeight:
     group_size = next(g for g in _GROUP_SIZES if k % g == 0)
     packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(weight).contiguous(), INNER_K_TILES)
     sz = torch.zeros(k // group_size, n, 2, dtype=torch.bfloat16, device=weight.device)
-    sz[:, :, 0] = scale.to(torch.bfloat16)
-    return TinygemmWeight(packed, sz, group_size, k, n)
+    sz[:, :, 0] = 1.0
+    return TinygemmWeight(packed, sz, scale.to(torch.float32), group_size, k, n)
 
 
 def matmul(x: torch.Tensor, w: TinygemmWeight) -> torch.Tensor:
-    """``x [..., K] @ W.T`` in ``x.dtype`` (computed with bfloat16 activations)."""
+    """``x [..., K] @ W.T`` in ``x.dtype`` (bfloat16 activations, row scale applied in float32)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features).to(torch.bfloat16).contiguous()
     y = torch.ops.aten._weight_int4pack_mm(x2, w.packed, w.group_size, w.scales_and_zeros)
-    return y.to(x.dtype).reshape(*lead, w.out_features)
+    return (y.float() * w.row_scale).to(x.dtype).reshape(*lead, w.out_features)
 
 
-@functools.lru_cache(maxsize=8)
-def is_available(device: torch.device) -> bool:
-    """True when ``device`` is a CUDA GPU of capability 8.0+ whose tinygemm kernel reproduces the
-    reference dequantization on a random weight (checked once per device)."""
+def unavailable(device: torch.device) -> str | None:
+    """Why tinygemm cannot run on ``device`` at all; None when it may (the self-check decides)."""
     if device.type != "cuda" or not torch.cuda.is_available():
-        return False
+        return "needs a CUDA GPU"
     if torch.cuda.get_device_capability(device) < (8, 0):
-        return False
+        return "tinygemm is built for compute capability 8.0+ only"
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
-        return False
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randint(-128, 128, (256, 256), generator=gen, dtype=torch.int8)
-    scale = (torch.rand(256, generator=gen) * 0.02 + 0.001).half()
-    x = torch.randn(3, 512, generator=gen).bfloat16()
-    want = x.float() @ dequantize_int4(weight, scale, torch.float32).T
-    try:
-        got = matmul(x.to(device), pack(weight.to(device), scale.to(device))).float().cpu()
-    except (RuntimeError, NotImplementedError) as exc:
-        log.warning("tinygemm int4 kernel unusable on %s (%s); using the Triton kernels", device, exc)
-        return False
-    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
-        log.warning("tinygemm int4 kernel disagrees with the reference on %s (max diff %.3g); using the "
-                    "Triton kernels", device, float((got - want).abs().max()))
-        return False
-    return True
+        return f"torch {torch.__version__} has no _weight_int4pack_mm"
+    return None

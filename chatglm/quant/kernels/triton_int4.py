@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from types import SimpleNamespace
 
 import torch
@@ -43,10 +44,14 @@ def _triton_importable() -> bool:
 
 
 def _interpret_mode() -> bool:
-    """Whether Triton would build interpreted kernels now (it reads ``TRITON_INTERPRET``)."""
+    """Whether Triton would build interpreted kernels now. Triton >= 3.4 exposes the setting as
+    ``triton.knobs.runtime.interpret``; older releases read ``TRITON_INTERPRET`` from the environment."""
     import triton
 
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def is_available() -> bool:
