@@ -1,4 +1,4 @@
-"""The static decode step of chatglm.graph, run eagerly on CPU: it equals the dynamic cached path,
+"""The decode steps of chatglm.model.decoder, run eagerly on CPU: they equal the plain forward,
 traces as one graph without host syncs, and generation through it gives the same tokens."""
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import logging
 import pytest
 import torch
 
+from chatglm.model import decoder as graph
 from chatglm.serving import generation as generate
-from chatglm.model import graph
 from chatglm.model.cache import KVCache, cache_usage
 from chatglm.weights.checkpoint import load_model
 from chatglm.config import ChatGLMConfig
 from chatglm.serving.generation import generate_ids
-from chatglm.model.graph import DecoderPool, GraphedDecoder, bucket_capacity, decoder_pool, graphs_enabled, release_decoders
+from chatglm.model.decoder import DecodeStep, DecoderPool, bucket_capacity, graphs_enabled
 from chatglm.model.transformer import ChatGLMForConditionalGeneration
 from chatglm.serving.sampling import SamplingParams
 from tests.tiny import random_state, tiny_config, write_model
@@ -39,6 +39,10 @@ def _load(model_dir, variant: str = "float") -> ChatGLMForConditionalGeneration:
     return model
 
 
+def _pos(values) -> torch.Tensor:
+    return torch.tensor(values).view(-1, 1)
+
+
 def _generate(model, n=12, params=SamplingParams(0.0), seed=None, prompt=PROMPT, **kw):
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     return list(generate_ids(model, prompt, n, params, (), model.config.seq_length, gen, **kw))
@@ -52,50 +56,47 @@ def no_leftover_caches():
 
 
 @pytest.mark.parametrize("variant,steps", [("float", 10), ("int4", 10), ("int4-triton", 3)])
-def test_static_step_equals_the_dynamic_cached_path(model_dir, variant, steps):
+def test_decode_steps_equal_the_plain_forward(model_dir, variant, steps):
     model = _load(model_dir, variant)
-    decoder = GraphedDecoder(model, 1, 64)
-    assert not decoder.graphed
-    dynamic = KVCache(model.config, 1, 64, "cpu", model.dtype)
+    step = DecodeStep(model, 1, 64)
+    assert not step.graphed
+    ids = list(PROMPT)
     with torch.inference_mode():
-        static = decoder.begin()
-        want = model(torch.tensor([PROMPT]), cache=dynamic, last_only=True)[0, -1]
-        model(torch.tensor([PROMPT[:5]]), cache=static)  # a chunked prefill into the static cache
-        model(torch.tensor([PROMPT[5:]]), cache=static)
-        for _ in range(steps):
-            token = torch.tensor([[int(want.argmax())]])
-            want = model(token, cache=dynamic, last_only=True)[0, -1]
-            got = decoder.step(token)
-            assert got.shape == (1, model.config.padded_vocab_size) and got.dtype == torch.float32
-            assert (got[0] - want).abs().max() <= 1e-5
-    assert static.length == dynamic.length == len(PROMPT) + steps
-    dynamic.release()
-    decoder.release()
+        step.prefill(PROMPT[:5], 0, 0)  # a chunked prefill into the step's cache
+        got = step.prefill(PROMPT[5:], 0, 5)
+        for i in range(steps):
+            want = model(torch.tensor([ids]))[0, -1]
+            assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+            ids.append(int(want.argmax()))
+            got = step.step(torch.tensor([[ids[-1]]]), _pos([len(ids) - 1]), span=len(ids) if i % 2 else None)[0]
+            assert got.dtype == torch.float32 and got.shape == (model.config.padded_vocab_size,)
+    step.release()
 
 
-def test_static_step_with_a_batch_of_two(model_dir):
+def test_a_batch_step_with_rows_at_different_lengths(model_dir):
     model = _load(model_dir)
-    prompts = torch.tensor([PROMPT, list(reversed(PROMPT))])
-    decoder = GraphedDecoder(model, 2, 64)
-    dynamic = KVCache(model.config, 2, 64, "cpu", model.dtype)
+    prompts = [PROMPT, list(reversed(PROMPT))[:7]]
+    step = DecodeStep(model, 2, 64)
     with torch.inference_mode():
-        model(prompts, cache=decoder.begin())
-        want = model(prompts, cache=dynamic, last_only=True)[:, -1]
+        last = torch.stack([step.prefill(p, row) for row, p in enumerate(prompts)])
+        seqs = [list(p) for p in prompts]
         for _ in range(4):
-            tokens = want.argmax(-1, keepdim=True)
-            want = model(tokens, cache=dynamic, last_only=True)[:, -1]
-            torch.testing.assert_close(decoder.step(tokens), want, atol=1e-5, rtol=0)
-        with pytest.raises(ValueError, match=r"ids of shape \(2, 1\)"):
-            decoder.step(torch.tensor([[1]]))
-    dynamic.release()
-    decoder.release()
+            tokens = last.argmax(-1, keepdim=True)
+            for seq, t in zip(seqs, tokens[:, 0].tolist()):
+                seq.append(t)
+            last = step.step(tokens, _pos([len(s) - 1 for s in seqs]))
+            want = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
+            torch.testing.assert_close(last, want, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="outside the cache's 2 rows"):
+            step.prefill([1], row=2)
+    step.release()
 
 
-def test_static_step_traces_as_one_graph_without_host_syncs(model_dir):
+def test_the_one_token_step_traces_as_one_graph_without_host_syncs(model_dir):
     """torch.compile(fullgraph=True) fails on .item() or a branch on a tensor value; the traced graph
     must not move data to the host, and a new position must not need a new trace."""
     model = _load(model_dir, "int4")
-    decoder = GraphedDecoder(model, 1, 64)
+    step = DecodeStep(model, 1, 64)
     graphs = []
 
     def backend(gm, _inputs):
@@ -103,66 +104,70 @@ def test_static_step_traces_as_one_graph_without_host_syncs(model_dir):
         return gm.forward
 
     torch._dynamo.reset()
-    step = torch.compile(model.decode_static, fullgraph=True, backend=backend)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     with torch.inference_mode():
-        decoder.begin()
         for position in (3, 4, 40):
-            decoder._position.fill_(position)
-            want = model.decode_static(decoder._ids, decoder._position, decoder.cache)  # builds RoPE tables first
-            torch.testing.assert_close(step(decoder._ids, decoder._position, decoder.cache), want)
+            pos = _pos([position])
+            want = model(step.ids, pos, step.cache)
+            torch.testing.assert_close(compiled(step.ids, pos, step.cache), want)
     torch._dynamo.reset()
     assert len(graphs) == 1, "the position changed the traced graph"
     host = {"cpu", "item", "tolist", "numpy", "_local_scalar_dense"}
     assert not [n for n in graphs[0].graph.nodes if str(n.target).rpartition(".")[2] in host]
-    decoder.release()
+    step.release()
 
 
 @pytest.mark.parametrize("variant", ["float", "int4"])
-def test_generation_through_the_static_step_gives_the_default_tokens(model_dir, variant):
+def test_a_kept_bucket_gives_the_same_tokens_request_after_request(model_dir, variant):
     model = _load(model_dir, variant)
     greedy = _generate(model)
-    sampled = _generate(model, 16, SamplingParams(0.9, top_p=0.95, top_k=20, repetition_penalty=1.1), seed=4)
+    params = SamplingParams(0.9, top_p=0.95, top_k=20, repetition_penalty=1.1)
+    sampled = _generate(model, 16, params, seed=4)
+    pool = DecoderPool(model)
+    pool.bucketed = True  # the CUDA policy, run eagerly here
     before = cache_usage()
-    assert _generate(model, static=True) == greedy
-    assert decoder_pool(model).capacities() == [(1, 64)]
+    assert _generate(model, decoders=pool) == greedy
+    assert pool.kept() == [(1, 64)]
     kept = cache_usage()
-    assert kept.live == before.live + 1, "the decoder keeps its bucket's cache between requests"
-    assert _generate(model, 16, SamplingParams(0.9, top_p=0.95, top_k=20, repetition_penalty=1.1),
-                     seed=4, static=True) == sampled
-    assert _generate(model, static=True) == greedy, "a reused (reset) decoder gives the same tokens"
-    assert cache_usage().allocated == kept.allocated, "the bucket's decoder was reused"
-    release_decoders(model)
+    assert kept.live == before.live + 1, "the pool keeps its bucket's cache between requests"
+    assert _generate(model, 16, params, seed=4, decoders=pool) == sampled
+    assert _generate(model, decoders=pool) == greedy, "a reused bucket (stale keys beyond) gives the same tokens"
+    assert cache_usage().allocated == kept.allocated, "the bucket was reused"
+    pool.release()
     assert (cache_usage().live, cache_usage().live_bytes) == (before.live, before.live_bytes)
 
 
-def test_static_generation_limits_and_chunked_prefill(model_dir, monkeypatch):
+def test_cpu_requests_get_a_cache_of_exactly_their_size_freed_at_the_end(model_dir, monkeypatch):
     model = _load(model_dir)
+    pool = DecoderPool(model)
     whole = _generate(model, 40)
-    assert _generate(model, 5, static=True) == whole[:5]
-    assert _generate(model, 100, static=True) == _generate(model, 100)  # clamped to the context
-    assert len(_generate(model, 100, static=True)) == 64 - len(PROMPT)
+    before = cache_usage()
+    assert _generate(model, 5, decoders=pool) == whole[:5]
+    assert cache_usage().last_capacity == len(PROMPT) + 5 and cache_usage().live == before.live
+    assert len(_generate(model, 100, decoders=pool)) == 64 - len(PROMPT)  # clamped to the context
     stop = whole[4]
-    stopped = list(generate_ids(model, PROMPT, 12, SamplingParams(0.0), (stop,), 64, static=True))
-    assert stopped == whole[:whole.index(stop)]
-    assert _generate(model, 3, prompt=[7], static=True) == _generate(model, 3, prompt=[7])
+    assert list(generate_ids(model, PROMPT, 12, SamplingParams(0.0), (stop,), 64, decoders=pool)) == \
+        whole[:whole.index(stop)]
     monkeypatch.setattr(generate, "PREFILL_CHUNK", 5)
-    assert _generate(model, 40, static=True) == whole
-    release_decoders(model)
+    assert _generate(model, 40, decoders=pool) == whole
+    assert pool.kept() == []
 
 
-def test_a_busy_decoder_is_not_shared(model_dir):
-    """Two interleaved generators: the second finds the bucket's decoder busy and decodes over its
-    own request-sized cache; both give the tokens they give alone."""
+def test_a_busy_bucket_is_not_shared(model_dir):
+    """Two interleaved generators: the second finds the bucket busy and gets a step of its own;
+    both give the tokens they give alone, and the extra step is freed."""
     model = _load(model_dir)
     want = _generate(model)
-    first = generate_ids(model, PROMPT, 12, SamplingParams(0.0), (), 64, static=True)
-    second = generate_ids(model, PROMPT, 12, SamplingParams(0.0), (), 64, static=True)
+    pool = DecoderPool(model)
+    pool.bucketed = True
+    first = generate_ids(model, PROMPT, 12, SamplingParams(0.0), (), 64, decoders=pool)
+    second = generate_ids(model, PROMPT, 12, SamplingParams(0.0), (), 64, decoders=pool)
     got = [(next(first), next(second)) for _ in range(12)]
     assert [a for a, _ in got] == want and [b for _, b in got] == want
-    assert cache_usage().last_capacity == len(PROMPT) + 12
     first.close()
     second.close()
-    release_decoders(model)
+    assert pool.kept() == [(1, 64)]
+    pool.release()
 
 
 def test_bucket_capacity():
@@ -178,21 +183,25 @@ def test_bucket_capacity():
 def test_pool_keeps_the_two_most_recent_buckets():
     model = ChatGLMForConditionalGeneration(ChatGLMConfig.from_dict(tiny_config(seq_length=2048)))
     pool = DecoderPool(model)
+    pool.bucketed = True
     before = cache_usage()
     for needed in (100, 300, 100, 600):
-        pool.give_back(pool.acquire(1, needed))
-    assert pool.capacities() == [(1, 256), (1, 1024)]
+        pool.give_back(pool.acquire(needed))
+    assert pool.kept() == [(1, 256), (1, 1024)]
     assert cache_usage().live == before.live + 2
-    busy = pool.acquire(1, 200)
-    assert busy.cache.length == 0 and pool.acquire(1, 256) is None, "a busy decoder is not handed out twice"
-    other = pool.acquire(1, 2000)
-    assert pool.capacities() == [(1, 256), (1, 2048)], "the least recent free bucket was evicted"
+    busy = pool.acquire(200)
+    spare = pool.acquire(256)
+    assert spare is not busy and spare.capacity == 256, "a busy step is not handed out twice"
+    pool.give_back(spare)
+    assert cache_usage().live == before.live + 2, "the spare step is freed when given back"
+    other = pool.acquire(2000)
+    assert pool.kept() == [(1, 256), (1, 2048)], "the least recent free bucket was evicted"
     pool.release()
-    assert pool.capacities() == [(1, 256), (1, 2048)], "decoders in use are kept"
+    assert pool.kept() == [(1, 256), (1, 2048)], "steps in use are kept"
     pool.give_back(busy)
     pool.give_back(other)
     pool.release()
-    assert pool.capacities() == [] and cache_usage().live == before.live
+    assert pool.kept() == [] and cache_usage().live == before.live
 
 
 def test_no_capture_is_attempted_on_cpu(model_dir, monkeypatch, caplog):
@@ -202,11 +211,10 @@ def test_no_capture_is_attempted_on_cpu(model_dir, monkeypatch, caplog):
     monkeypatch.setenv(graph.ENV_VAR, "1")
     assert not graphs_enabled("cpu") and not graphs_enabled(torch.device("cpu"))
     model = _load(model_dir)
-    with caplog.at_level(logging.INFO, logger="chatglm.model.graph"):
-        assert _generate(model, 4, static=True) == _generate(model, 4)
-        assert GraphedDecoder(model, 1, 64).graphed is False
+    pool = DecoderPool(model)
+    with caplog.at_level(logging.INFO, logger="chatglm.model.decoder"):
+        assert _generate(model, 4, decoders=pool) == _generate(model, 4)
     assert attempts == [] and not [r for r in caplog.records if r.name.startswith("chatglm")]
-    release_decoders(model)
 
 
 def test_graphs_env_switch(monkeypatch):
@@ -220,21 +228,34 @@ def test_graphs_env_switch(monkeypatch):
     assert graphs_enabled("cuda") and not graphs_enabled("cpu")
 
 
-def test_failed_capture_is_logged_and_runs_the_same_step_eagerly(model_dir, caplog):
+def test_a_failed_capture_is_logged_once_and_the_bucket_runs_eagerly(model_dir, monkeypatch, caplog):
+    """Injected: the capture raises. The pool logs it once for the bucket, never retries it, and the
+    eager step gives the tokens of the plain path."""
     model = _load(model_dir, "int4")
-    with caplog.at_level(logging.WARNING, logger="chatglm.model.graph"):
-        forced = GraphedDecoder(model, 1, 64, use_graph=True)  # no CUDA here: the capture fails
-    assert not forced.graphed
-    assert "CUDA graph capture of the decode step failed" in caplog.text and "Traceback" in caplog.text
-    eager = GraphedDecoder(model, 1, 64, use_graph=False)
-    with torch.inference_mode():
-        for decoder in (forced, eager):
-            model(torch.tensor([PROMPT]), cache=decoder.begin())
-        for token in (5, 6, 7):
-            assert torch.equal(forced.step(torch.tensor([[token]])), eager.step(torch.tensor([[token]])))
-        forced.begin()
-        with pytest.raises(ValueError, match="KV cache full"):
-            for _ in range(65):
-                forced.step(torch.tensor([[1]]))
-    forced.release()
-    eager.release()
+    want = _generate(model)
+    calls = []
+
+    def failing_stream(*_a, **_k):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing (injected)")
+
+    monkeypatch.setattr(torch.cuda, "Stream", failing_stream)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    pool = DecoderPool(model, use_graphs=True)
+    pool.bucketed = True
+    with caplog.at_level(logging.WARNING, logger="chatglm.model.decoder"):
+        for _ in range(3):
+            assert _generate(model, decoders=pool) == want
+    warnings = [r for r in caplog.records if "capture of the decode step failed" in r.getMessage()]
+    assert len(warnings) == 1 and "injected" in warnings[0].getMessage() and len(calls) == 1
+    pool.release()
+
+
+def test_warmup_prepares_the_default_bucket(model_dir):
+    model = _load(model_dir)
+    pool = DecoderPool(model)
+    pool.bucketed = True
+    step = pool.warmup(40)
+    assert pool.kept() == [(1, 64)] and not step.in_use
+    assert _generate(model, decoders=pool) == _generate(model)
+    pool.release()

@@ -10,7 +10,8 @@ from chatglm.serving.generation import ContextLengthError, generate_ids
 from chatglm.model.transformer import ChatGLMForConditionalGeneration
 from chatglm.quant.linear import quantize_module
 from chatglm.quant.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
-from chatglm.serving.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p
+from chatglm.model.cache import KVCache
+from chatglm.serving.sampling import SamplingParams
 from tests.tiny import random_state, tiny_config, write_model
 
 PROMPT = [64790, 64792, 36474, 54591, 31123, 13, 30910, 100, 2000, 3, 77, 5000]
@@ -41,12 +42,48 @@ def test_cached_decoding_equals_full_forward(model_dir, quantize):
     assert cached == ids[len(PROMPT):]
     with torch.inference_mode():
         full = model(torch.tensor([ids]))[0, len(PROMPT) - 1:-1]
-        from chatglm.model.cache import KVCache
         cache = KVCache(model.config, 1, len(ids), "cpu", model.dtype)
-        model(torch.tensor([PROMPT[:5]]), cache=cache)
-        model(torch.tensor([PROMPT[5:]]), cache=cache)  # a chunked prefill continues the cache
-        steps = [model(torch.tensor([[t]]), cache=cache)[0, -1] for t in ids[len(PROMPT):-1]]
+        model(torch.tensor([PROMPT[:5]]), _pos(0, 5), cache)
+        model(torch.tensor([PROMPT[5:]]), _pos(5, len(PROMPT)), cache)  # a chunk continues the cache
+        steps = [model(torch.tensor([[t]]), _pos(p, p + 1), cache)[0, -1]
+                 for p, t in enumerate(ids[len(PROMPT):-1], start=len(PROMPT))]
     torch.testing.assert_close(torch.stack(steps), full[1:], atol=1e-4, rtol=1e-4)
+
+
+def _pos(start: int, end: int, rows: int = 1) -> torch.Tensor:
+    return torch.arange(start, end).expand(rows, end - start)
+
+
+def test_rows_at_different_positions_decode_together_as_each_alone(model_dir):
+    """The batched one-token step: each row writes and attends at its own position."""
+    model = _load(model_dir)
+    prompts = [PROMPT, PROMPT[:7], list(reversed(PROMPT))[:10]]
+    cache = KVCache(model.config, len(prompts), 40, "cpu", model.dtype)
+    alone = []
+    with torch.inference_mode():
+        for row, p in enumerate(prompts):  # prefill each row of the batch cache on its own
+            model(torch.tensor([p]), _pos(0, len(p)), cache.rows(row, 1))
+        nxt = torch.tensor([[3], [4], [5]])
+        pos = torch.tensor([[len(p)] for p in prompts])
+        both = model(nxt, pos, cache)[:, -1]
+        again = model(nxt + 10, pos + 1, cache)[:, -1]
+        for p, t in zip(prompts, nxt[:, 0].tolist()):
+            alone.append(model(torch.tensor([p + [t, t + 10]]))[0, -2:])
+    torch.testing.assert_close(both, torch.stack([a[0] for a in alone]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, torch.stack([a[1] for a in alone]), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_refuses_inconsistent_positions(model_dir):
+    model = _load(model_dir)
+    cache = KVCache(model.config, 2, 16, "cpu", model.dtype)
+    with pytest.raises(ValueError, match="needs input_pos"):
+        model(torch.tensor([[1, 2], [3, 4]]), cache=cache)
+    with pytest.raises(ValueError, match="same contiguous positions"):
+        model(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[0, 1], [1, 2]]), cache)
+    with pytest.raises(ValueError, match="within the cache capacity 16"):
+        model(torch.tensor([[1, 2]] * 2), _pos(15, 17, 2), cache)
+    with pytest.raises(ValueError, match="holds 2 rows"):
+        model(torch.tensor([[1]]), torch.tensor([[0]]), cache)
 
 
 def test_batch_of_two_equals_each_alone(model_dir):
@@ -136,40 +173,6 @@ def test_max_new_tokens_and_context_limits(model_dir):
         _greedy(model, [5] * 70)
 
 
-def test_sampling_functions_are_pure_and_correct():
-    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
-    before = logits.clone()
-    pen = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
-    assert pen.tolist() == [1.0, -2.0, 0.5, 3.0] and torch.equal(logits, before)
-    assert apply_top_k(logits, 2).tolist() == [2.0, float("-inf"), float("-inf"), 3.0]
-    probs = logits.softmax(-1)  # [0.259, 0.013, 0.058, 0.705]
-    kept = apply_top_p(logits, 0.8).isfinite().tolist()
-    assert kept == [True, False, False, True] and probs[3] < 0.8
-    assert apply_top_p(logits, 0.5).isfinite().tolist() == [False, False, False, True]
-    with pytest.raises(ValueError, match="temperature"):
-        SamplingParams(temperature=-1)
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingParams(top_p=float("nan"))
-
-
-def test_top_k_candidates_sample_the_fully_filtered_distribution():
-    from chatglm.serving.sampling import select_token
-    gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(300, generator=gen) * 2
-    logits[[10, 11]] = logits.max() + 1  # a tie at the top
-    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=7)
-    want = apply_top_p(apply_top_k(logits / 0.7, 7), 0.9).softmax(-1)
-    draws = torch.tensor([select_token(logits, params, torch.empty(0, dtype=torch.long), gen) for _ in range(4000)])
-    freq = torch.bincount(draws, minlength=300).float() / len(draws)
-    assert set(draws.tolist()) <= set(torch.nonzero(want).flatten().tolist())
-    assert (freq - want).abs().max() < 0.03
-    tie = torch.zeros(50)
-    tie[5] = 1.0  # top_k=2 keeps 5 and every id tied at the 2nd value
-    picks = {select_token(tie, SamplingParams(temperature=1.0, top_p=1.0, top_k=2), torch.empty(0), gen)
-             for _ in range(400)}
-    assert 5 in picks and len(picks) > 10
-
-
 def test_chunked_prefill_equals_one_pass(model_dir, monkeypatch):
     from chatglm.serving import generation as generate
 
@@ -179,12 +182,14 @@ def test_chunked_prefill_equals_one_pass(model_dir, monkeypatch):
     assert _greedy(model, PROMPT) == whole
 
 
-def test_fast_int4_backend_stays_close_to_the_reference(model_dir):
+def test_fast_int4_backend_stays_close_to_the_reference(tmp_path):
     from chatglm.quant.kernels import cpu_int4
     from chatglm.quant.dispatch import prepare_model
 
     if not cpu_int4.is_available():
         pytest.skip("torch's CPU int4 kernel is not available on this machine")
+    cfg = tiny_config(rope_ratio=50, seq_length=128)  # room for a 72-token prompt
+    model_dir = write_model(tmp_path, cfg, random_state(cfg, seed=7), "safetensors")
     ref = _load(model_dir, quantize=4)  # float32: the reference dequantize-then-matmul backend
     assert prepare_model(ref, "reference") == "reference"
     fast = _load(model_dir, quantize=4, dtype=torch.bfloat16)

@@ -322,7 +322,7 @@ def test_kv_cache_counters_and_release() -> None:
     cache.release()
     assert (cache_usage().live, cache_usage().live_bytes) == (before.live, before.live_bytes)
     with pytest.raises(RuntimeError, match="after release"):
-        cache.reserve(1)
+        cache.write_span(0, 0, torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
     dropped = KVCache(cfg, 1, 4, "cpu", torch.float16)
     assert cache_usage().live == before.live + 1
     del dropped

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..weights.checkpoint import find_weight_files
 from ..config import ChatGLMConfig
+from ..model.decoder import DecoderPool
 from ..serving.generation import generate_ids
 from ..serving.loading import load_for_inference
 from ..quant.linear import Int4Linear
@@ -134,6 +135,7 @@ class ModelRun:
         self.setup_seconds = time.perf_counter() - t0
         self.rss_after_setup = peak_rss_bytes()
         self.gen = torch.Generator().manual_seed(0)
+        self.decoders = DecoderPool(self.model)
 
     def prompt(self, n: int) -> list[int]:
         vocab = min(self.config.padded_vocab_size, 64000)
@@ -144,7 +146,8 @@ class ModelRun:
         out = []
         t0 = time.perf_counter()
         gen = generate_ids(self.model, ids, new_tokens, params, stop_ids=(), max_context=self.config.seq_length,
-                           generator=torch.Generator().manual_seed(1), vocab_limit=self.config.padded_vocab_size)
+                           generator=torch.Generator(device=self.device).manual_seed(1),
+                           vocab_limit=self.config.padded_vocab_size, decoders=self.decoders)
         for _ in gen:
             now = time.perf_counter()
             out.append(now - t0)

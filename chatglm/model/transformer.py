@@ -3,15 +3,25 @@
 name-for-name mapping. Linear layers are plain ``nn.Linear``; quantization swaps them elsewhere."""
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import chunk_attention, prompt_attention, token_attention
 from .cache import KVCache
 from ..config import ChatGLMConfig
+
+
+class Step(NamedTuple):
+    """What one forward call does, decided once for all layers (see the model's docstring)."""
+
+    cache: KVCache | None
+    input_pos: torch.Tensor  # long [B, S]
+    start: int  # first position of a chunk (S > 1)
+    visible: torch.Tensor | None  # bool [B, capacity] for a one-token step, else None
+    span: int | None  # cache positions a one-token step attends to at most
 
 
 class RMSNorm(nn.Module):
@@ -28,36 +38,30 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """RoPE on the first half of each head dimension, interleaved pairs ``(2i, 2i+1)``,
-    base ``10000 * rope_ratio``. Tables are float32 whatever the compute dtype."""
+    base ``10000 * rope_ratio``. Tables are float32 whatever the compute dtype, built once per device
+    for the whole context and never replaced (a captured CUDA graph keeps reading the same memory)."""
 
-    def __init__(self, rot_dim: int, rope_ratio: float):
+    def __init__(self, rot_dim: int, rope_ratio: float, max_positions: int):
         super().__init__()
-        self.rot_dim = rot_dim
+        self.rot_dim, self.max_positions = rot_dim, max_positions
         self.base = 10000.0 * rope_ratio
-        self._cos = torch.empty(0)
-        self._sin = torch.empty(0)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos.shape[0] < length or self._cos.device != device:
-            n = max(length, 2 * self._cos.shape[0], 256)
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[max_positions, rot_dim/2]`` on ``device``."""
+        if device not in self._tables:
             exponent = torch.arange(0, self.rot_dim, 2, dtype=torch.float32, device=device) / self.rot_dim
             inv_freq = 1.0 / (self.base ** exponent)
-            angles = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq)
-            self._cos, self._sin = angles.cos(), angles.sin()  # [n, rot_dim/2]
-        return self._cos, self._sin
+            angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)
+            self._tables[device] = angles.cos(), angles.sin()
+        return self._tables[device]
 
-    def at(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[length, rot_dim/2]`` for positions ``start .. start+length-1``."""
-        cos_t, sin_t = self.tables(start + length, device)
-        return cos_t[start:start + length], sin_t[start:start + length]
-
-
-class StaticStep(NamedTuple):
-    """Where a static decode step writes (``position``, long ``[1]``) and what it attends to
-    (``mask``, bool ``[1, 1, 1, capacity]``), both on the model's device."""
-
-    position: torch.Tensor
-    mask: torch.Tensor
+    def at(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[B, 1, S, rot_dim/2]`` for positions ``input_pos [B, S]`` (a gather: no host sync)."""
+        cos_t, sin_t = self.tables(input_pos.device)
+        flat = input_pos.reshape(-1)
+        shape = (input_pos.shape[0], 1, input_pos.shape[1], -1)
+        return cos_t.index_select(0, flat).view(shape), sin_t.index_select(0, flat).view(shape)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -76,44 +80,25 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, cfg.qkv_out_features, bias=cfg.add_qkv_bias)
         self.dense = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None, layer: int, static: StaticStep | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step, layer: int) -> torch.Tensor:
         B, S, _ = x.shape
-        qkv = self.query_key_value(x)
         q_size, kv_size = self.heads * self.head_dim, self.groups * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = self.query_key_value(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, S, self.heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
         k = k.view(B, S, self.groups, self.head_dim).transpose(1, 2)  # [B, G, S, D]
         v = v.view(B, S, self.groups, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if static is not None:  # static-shape step: write at the position, attend over the capacity
-            k, v = cache.write_at(layer, static.position, k, v)  # [B, G, capacity, D]
-            return self.dense(self._attend_one_token(q, k, v, static.mask))
-        start = 0
-        if cache is not None:
-            start = cache.length
-            k, v = cache.update(layer, k, v)  # [B, G, start+S, D]
-        if S == 1:
-            return self.dense(self._attend_one_token(q, k, v, None))
-        if start == 0:
-            mask, causal = None, True
-        else:
-            qpos = torch.arange(start, start + S, device=x.device)[:, None]
-            mask, causal = torch.arange(start + S, device=x.device)[None, :] <= qpos, False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             scale=1.0 / math.sqrt(self.head_dim), enable_gqa=True)
+        cache = step.cache
+        if cache is None:
+            out = prompt_attention(q, k, v)
+        elif step.visible is not None:  # one token per row, written at each row's own position
+            keys, values = cache.write_rows(layer, step.input_pos, k, v)
+            span = step.span or cache.capacity
+            out = token_attention(q, keys[:, :, :span], values[:, :, :span], step.visible[:, :span])
+        else:  # a chunk at positions start .. start+S-1 of every row
+            keys, values = cache.write_span(layer, step.start, k, v)
+            out = prompt_attention(q, k, v) if step.start == 0 else chunk_attention(q, keys, values)
         return self.dense(out.transpose(1, 2).reshape(B, S, q_size))
-
-    def _attend_one_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of one new token per row (``q [B, H, 1, D]``, ``k, v [B, G, L, D]``) -> ``[B, 1, H*D]``.
-        The query heads of a group become that group's query rows (head ``h`` reads group
-        ``h // (heads/groups)``, as with ``enable_gqa``), so keys and values are read once and never
-        repeated per head."""
-        B = q.shape[0]
-        q = q.reshape(B, self.groups, self.heads // self.groups, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
-        return out.reshape(B, 1, self.heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -135,9 +120,8 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None,
-                layer: int, static: StaticStep | None = None) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), rope, cache, layer, static)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], step: Step, layer: int) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), rope, step, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -166,14 +150,26 @@ class ChatGLMModel(nn.Module):
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
         self.embedding = Embedding(cfg)
-        self.rotary_pos_emb = RotaryEmbedding(cfg.kv_channels // 2, cfg.rope_ratio)
+        self.rotary_pos_emb = RotaryEmbedding(cfg.kv_channels // 2, cfg.rope_ratio, cfg.seq_length)
         self.encoder = GLMTransformer(cfg)
         self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
 
 
 class ChatGLMForConditionalGeneration(nn.Module):
-    """``model(input_ids[B, S]) -> logits[B, S, vocab]`` (float32). With ``cache`` the new tokens
-    continue the cached sequence; ``last_only`` computes logits for the last position only."""
+    """``model(input_ids[B, S], input_pos, cache) -> logits[B, S, vocab]`` (float32): one forward for
+    whole prompts, prompt chunks and decode steps.
+
+    - no ``cache``: a whole sequence from position 0 (``input_pos`` may be omitted);
+    - ``S > 1`` with ``cache``: a chunk at the same contiguous positions ``start .. start+S-1`` of
+      every row (``input_pos [B, S]``), written into the cache, attending to the cached positions
+      before it (chunked prefill);
+    - ``S == 1`` with ``cache``: one token per row, each at its own position ``input_pos [B, 1]`` (rows
+      at different lengths decode together). Shapes do not depend on the positions, nothing is read
+      back to the host and nothing branches on tensor values, so this step can be captured in a CUDA
+      graph. Each row attends to its positions ``<= input_pos``, over the first ``span`` cache
+      positions when given (a host-side bound that eager callers know), else the whole capacity.
+
+    ``last_only`` computes logits for the last position only."""
 
     def __init__(self, cfg: ChatGLMConfig):
         super().__init__()
@@ -188,42 +184,45 @@ class ChatGLMForConditionalGeneration(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.embedding.word_embeddings.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False, span: int | None = None) -> torch.Tensor:
+        step = self._step(input_ids, input_pos, cache, span)
         t = self.transformer
-        start = cache.length if cache is not None else 0
-        S = input_ids.shape[1]
-        if cache is not None:
-            cache.reserve(S)
-        rope = t.rotary_pos_emb.at(start, S, input_ids.device)
+        rope = t.rotary_pos_emb.at(step.input_pos)
         x = t.embedding(input_ids)
         for i, layer in enumerate(t.encoder.layers):
-            x = layer(x, rope, cache, i)
-        if cache is not None:
-            cache.advance(S)
+            x = layer(x, rope, step, i)
         if last_only:
             x = x[:, -1:]
         x = t.encoder.final_layernorm(x)
         return t.output_layer(x).float()
 
-    def decode_static(self, input_ids: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decode step whose shapes do not depend on the position: ``input_ids [B, 1]`` are
-        written into ``cache`` at ``position`` (long ``[1]`` on the model's device, the same for every
-        row) and attend to cache positions ``<= position``; returns float32 logits ``[B, vocab]``.
-
-        No host synchronisation and no branch on tensor values, so a CUDA graph can capture it. The
-        cache's ``length`` is not read or advanced here: the caller keeps it (see chatglm.graph).
-        Positions after ``position`` must hold finite values (a zeroed cache does)."""
-        t = self.transformer
-        device = input_ids.device
-        cos_t, sin_t = t.rotary_pos_emb.tables(cache.capacity, device)
-        rope = cos_t.index_select(0, position), sin_t.index_select(0, position)  # [1, rot_dim/2]
-        mask = (torch.arange(cache.capacity, device=device) <= position).view(1, 1, 1, -1)
-        static = StaticStep(position, mask)
-        x = t.embedding(input_ids)
-        for i, layer in enumerate(t.encoder.layers):
-            x = layer(x, rope, cache, i, static)
-        x = t.encoder.final_layernorm(x[:, -1])
-        return t.output_layer(x).float()
+    def _step(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None, cache: KVCache | None,
+              span: int | None) -> Step:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        limit = cache.capacity if cache is not None else self.config.seq_length
+        if input_pos is None:
+            if cache is not None:
+                raise ValueError("a forward over a cache needs input_pos [batch, seq]: where the tokens go")
+            if S > limit:
+                raise ValueError(f"{S} tokens exceed the model's context of {limit}")
+            input_pos = torch.arange(S, device=input_ids.device).expand(B, S)
+        if tuple(input_pos.shape) != (B, S):
+            raise ValueError(f"input_pos must be [batch, seq] = {(B, S)}, got {tuple(input_pos.shape)}")
+        if cache is None:
+            return Step(None, input_pos, 0, None, None)
+        if cache.batch != B:
+            raise ValueError(f"the cache holds {cache.batch} rows but input_ids has {B}")
+        if S == 1:
+            positions = torch.arange(cache.capacity, device=input_ids.device)
+            if span is not None and not 0 < span <= cache.capacity:
+                raise ValueError(f"span={span} must lie in 1..{cache.capacity} (the cache capacity)")
+            return Step(cache, input_pos, 0, positions[None, :] <= input_pos, span)
+        start = int(input_pos[0, 0])  # one host read per prompt chunk
+        want = torch.arange(start, start + S, device=input_pos.device).expand(B, S)
+        if start < 0 or start + S > cache.capacity or not torch.equal(input_pos, want):
+            raise ValueError(f"a chunk of {S} tokens needs the same contiguous positions start .. start+{S - 1} "
+                             f"in every row, within the cache capacity {cache.capacity}")
+        return Step(cache, input_pos, start, None, None)

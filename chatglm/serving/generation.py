@@ -1,4 +1,7 @@
-"""Token generation: a generator of ids over a KV cache (prefill once, then one token per step)."""
+"""Token generation: a generator of ids. The prompt is prefilled in chunks into a cache slot of the
+model's :class:`~chatglm.model.decoder.DecoderPool`, then one token per step is decoded and sampled on
+the device. The only host transfer per token is the new id itself, copied while the next step already
+runs (the stop check and the caller need it): nothing waits for the device between steps."""
 from __future__ import annotations
 
 import logging
@@ -6,10 +9,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from ..model.cache import KVCache
-from ..model.graph import decoder_pool
+from ..model.decoder import DecoderPool
 from ..model.transformer import ChatGLMForConditionalGeneration
-from .sampling import SamplingParams, select_token
+from .sampling import NON_FINITE, SamplingParams, mark_seen, next_tokens, row_params
 
 log = logging.getLogger(__name__)
 PREFILL_CHUNK = 1024
@@ -22,6 +24,10 @@ class ContextLengthError(ValueError):
     """The prompt does not fit the model's context."""
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN or infinite logits."""
+
+
 def check_prompt_length(n_prompt: int, max_context: int) -> None:
     if n_prompt == 0:
         raise ValueError("the prompt is empty: at least one input id is needed")
@@ -30,18 +36,47 @@ def check_prompt_length(n_prompt: int, max_context: int) -> None:
                                  f"shorten it to at most {max_context - 1} tokens to leave room for a reply")
 
 
+class TokenReader:
+    """Brings token ids to the host without waiting for work queued after them: on CUDA each copy
+    goes to pinned memory behind an event, so reading it waits for that copy only."""
+
+    def __init__(self, device: torch.device, batch: int = 1):
+        self.cuda = device.type == "cuda"
+        self._host = torch.empty(batch, dtype=torch.long, pin_memory=self.cuda)
+        self._event = torch.cuda.Event() if self.cuda else None
+        self._pending: torch.Tensor | None = None
+
+    def start(self, tokens: torch.Tensor) -> None:
+        if self.cuda:
+            self._host.copy_(tokens, non_blocking=True)
+            self._event.record()
+        else:
+            self._pending = tokens
+
+    def read(self) -> list[int]:
+        if self.cuda:
+            self._event.synchronize()
+            return self._host.tolist()
+        return self._pending.tolist()
+
+
+def non_finite_error(step: int) -> NonFiniteLogitsError:
+    where = "for the prompt" if step == 0 else f"at generated token {step + 1}"
+    return NonFiniteLogitsError(f"the model produced NaN or infinite logits {where}: the weights are likely "
+                                "corrupted or the dtype overflowed; re-download or re-convert the weights "
+                                "(python -m chatglm.download), or load with dtype=torch.float32 to check")
+
+
 def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], max_new_tokens: int,
                  params: SamplingParams, stop_ids: Iterable[int], max_context: int,
                  generator: torch.Generator | None = None, vocab_limit: int | None = None,
-                 static: bool | None = None) -> Iterator[int]:
+                 decoders: DecoderPool | None = None) -> Iterator[int]:
     """Yield new token ids until a stop id (not yielded), ``max_new_tokens``, or the context is full.
 
-    ``vocab_limit`` masks ids at and above it (the padding rows of the output layer are not tokens).
-    The prompt is prefilled eagerly; decode steps then run either the dynamic path over a KV cache
-    sized for this request (prompt + new tokens) and freed when the generator ends, or, with
-    ``static`` (default: on CUDA), the static step of :mod:`chatglm.graph` (a CUDA graph where it can
-    be captured, otherwise the same step eagerly) over its capacity bucket's cache, which the model's
-    decoder pool keeps for the next request. Both give the same tokens up to float rounding.
+    ``generator`` (on the model's device) seeds sampling; ``vocab_limit`` masks ids at and above it
+    (the padding rows of the output layer are not tokens). ``decoders`` owns the KV cache (and on
+    CUDA the decode graphs); without it a pool is made for this call, eager, freed at the end.
+    Raises :class:`NonFiniteLogitsError` when the logits stop being finite, greedy or sampled.
     """
     check_prompt_length(len(input_ids), max_context)
     if max_new_tokens < 0:
@@ -55,42 +90,48 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
         return
     stops = set(stop_ids)
     device = model.device
-    needed = len(input_ids) + max_new_tokens
-    use_static = device.type == "cuda" if static is None else static
-    decoder = decoder_pool(model).acquire(1, needed) if use_static else None
-    cache = decoder.cache if decoder is not None else KVCache(model.config, 1, needed, device, model.dtype)
-    history = torch.tensor(input_ids, dtype=torch.long)
-    produced: list[int] = []
-
-    def choose(logits: torch.Tensor) -> int:
-        logits = logits.float().cpu()
-        if vocab_limit is not None and vocab_limit < logits.numel():
-            logits[vocab_limit:] = float("-inf")
-        previous = torch.cat((history, torch.tensor(produced, dtype=torch.long)))
-        return select_token(logits, params, previous, generator)
-
+    pool = decoders if decoders is not None else DecoderPool(model, keep=0, use_graphs=False)
+    step = pool.acquire(len(input_ids) + max_new_tokens)
+    rows = row_params([params], device)
+    reader = TokenReader(device)
+    seen = None
+    if rows.any_penalty:
+        seen = torch.zeros(1, model.config.padded_vocab_size, dtype=torch.bool, device=device)
+        seen[0, torch.tensor(input_ids, device=device)] = True
     # Inference mode is entered around each computation and left before each yield: a suspended
     # generator must not leave the caller's thread in inference mode.
     try:
         with torch.inference_mode():
-            for s in range(0, len(input_ids) - PREFILL_CHUNK, PREFILL_CHUNK):
-                model(torch.tensor([input_ids[s:s + PREFILL_CHUNK]], device=device), cache=cache, last_only=True)
-            tail = input_ids[(len(input_ids) - 1) // PREFILL_CHUNK * PREFILL_CHUNK:]
-            token = choose(model(torch.tensor([tail], dtype=torch.long, device=device), cache=cache,
-                                 last_only=True)[0, -1])
-        while True:
-            if token in stops:
-                return
-            produced.append(token)
-            yield token
-            if len(produced) == max_new_tokens:
-                return
+            logits = None
+            for start in range(0, len(input_ids), PREFILL_CHUNK):
+                logits = step.prefill(input_ids[start:start + PREFILL_CHUNK], 0, start)
+            token = next_tokens(logits[None], rows, seen, [generator], vocab_limit)
+            pos = torch.full((1, 1), len(input_ids), dtype=torch.long, device=device)
+        def advance(i: int) -> torch.Tensor:
             with torch.inference_mode():
-                x = torch.tensor([[token]], dtype=torch.long, device=device)
-                logits = decoder.step(x)[0] if decoder is not None else model(x, cache=cache, last_only=True)[0, -1]
-                token = choose(logits)
+                if seen is not None:
+                    mark_seen(seen, token)
+                logits = step.step(token.view(1, 1), pos, span=len(input_ids) + i + 1)
+                pos.add_(1)
+                return next_tokens(logits, rows, seen, [generator], vocab_limit)
+
+        # On CUDA the next step is queued before waiting for this token, so the device never idles
+        # on the host; on CPU (synchronous anyway) nothing runs ahead of what the caller consumes.
+        ahead = reader.cuda
+        for i in range(max_new_tokens):
+            more = i + 1 < max_new_tokens
+            reader.start(token)
+            if ahead and more:
+                token = advance(i)
+            value = reader.read()[0]
+            if value == NON_FINITE:
+                raise non_finite_error(i)
+            if value in stops:
+                return
+            yield value
+            if more and not ahead:
+                token = advance(i)
     finally:
-        if decoder is not None:
-            decoder_pool(model).give_back(decoder)
-        else:
-            cache.release()
+        pool.give_back(step)
+        if decoders is None:
+            pool.release()

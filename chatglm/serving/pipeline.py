@@ -15,6 +15,7 @@ import prompts
 from .loading import load_for_inference
 from ..config import ChatGLMConfig
 from ..family import detect_family, prompt_format
+from ..model.decoder import DecoderPool
 from .generation import check_prompt_length, generate_ids
 from ..model.transformer import ChatGLMForConditionalGeneration
 from ..text.reply import Chatglm3Reply, PlainReply
@@ -24,6 +25,9 @@ from ..text.tokenizer import ChatGLMTokenizer
 
 log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1
+DEFAULT_MAX_NEW_TOKENS = 2048
+"""``max_new_tokens`` of :meth:`Pipeline.stream` when not given (the service's ``max_tokens`` default)."""
+WARMUP_MAX_NEW_TOKENS = 4
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Pipeline:
         self.format = prompts.get_format(self.format_name)
         self.stop_ids = tuple(self.format.STOP_IDS)
         self.max_context = min(max_context or config.seq_length, config.seq_length)
+        self.decoders = DecoderPool(model)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = "cpu",
@@ -115,14 +120,28 @@ class Pipeline:
             seed = random.SystemRandom().randint(0, MAX_SEED)
         if not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed={seed} is out of range: allowed 0 <= seed <= {MAX_SEED}")
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(device=self.model.device).manual_seed(seed)
         if stats is not None:
             stats.seed, stats.input_tokens = seed, len(input_ids)
             stats.token_budget = min(max_new_tokens, self.max_context - len(input_ids))
         return generate_ids(self.model, input_ids, max_new_tokens, params, self.stop_ids, self.max_context,
-                            generator, vocab_limit=self.tokenizer.vocab_size)
+                            generator, vocab_limit=self.tokenizer.vocab_size, decoders=self.decoders)
 
-    def stream(self, messages: Sequence[dict], max_new_tokens: int = 2048, temperature: float = 0.8,
+    def warmup(self, max_new_tokens: int = WARMUP_MAX_NEW_TOKENS) -> float:
+        """Run a short generation now (kernels compile, caches and allocators settle) and on CUDA
+        capture the decode graph of the bucket a default request uses, so the first prediction is as
+        fast as the second. Returns the seconds it took."""
+        started = time.perf_counter()
+        ids = self.build_input_ids([{"role": "user", "content": "你好"}])
+        needed = min(self.max_context, len(ids) + DEFAULT_MAX_NEW_TOKENS)
+        if self.decoders.bucketed:
+            self.decoders.warmup(needed)
+        params = SamplingParams(temperature=0.8)
+        for _ in self._generate(ids, min(max_new_tokens, self.max_context - len(ids)), params, 0, None):
+            pass
+        return time.perf_counter() - started
+
+    def stream(self, messages: Sequence[dict], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.8,
                top_p: float = 0.8, top_k: int = 50, repetition_penalty: float = 1.0, seed: int | None = None,
                stop_sequences: Sequence[str] = (), stats: GenerationStats | None = None) -> Iterator[str]:
         """Text deltas of the assistant's reply to ``messages``; never a broken or dropped character.

@@ -1,0 +1,110 @@
+"""Sampling on the device (run here on CPU tensors): the exponential race draws from exactly the
+filtered softmax distribution (chi-square against the exact probabilities), seeds reproduce, each row
+of a batch keeps its own parameters and generator, and non-finite logits are reported."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from chatglm.serving.sampling import NON_FINITE, SamplingParams, apply_repetition_penalty, filter_sorted, mark_seen, \
+    next_tokens, row_params
+
+CPU = torch.device("cpu")
+
+
+def reference_probs(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The intended distribution, computed directly over the vocabulary (the definition, not the code
+    under test): penalty, temperature, top-k keeping ties at the k-th value, top-p over what is left."""
+    x = logits.clone()
+    if seen is not None:
+        x[seen] = torch.where(x[seen] > 0, x[seen] / p.repetition_penalty, x[seen] * p.repetition_penalty)
+    x = x / p.temperature
+    if p.top_k > 0:
+        x[x < torch.topk(x, min(p.top_k, x.numel())).values[-1]] = float("-inf")
+    probs = x.softmax(-1)
+    order = torch.argsort(probs, descending=True, stable=True)
+    mass_before = 0.0
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    for i in order.tolist():
+        if probs[i] == 0 or (mass_before >= p.top_p and keep.any()):
+            break
+        keep[i] = True
+        mass_before += float(probs[i])
+    out = torch.where(keep, probs, torch.zeros_like(probs))
+    return out / out.sum()
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Upper tail of the chi-square statistic (Wilson-Hilferty normal approximation)."""
+    n = counts.sum()
+    support = probs > 0
+    expected = probs[support] * n
+    stat = float(((counts[support] - expected) ** 2 / expected).sum())
+    dof = int(support.sum()) - 1
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0, 1.0, 0), SamplingParams(0.7, 0.9, 7),
+                                    SamplingParams(1.3, 0.6, 0), SamplingParams(0.8, 0.8, 50, 1.4)],
+                         ids=["plain", "top-k+top-p", "top-p", "defaults+penalty"])
+def test_the_race_draws_the_filtered_softmax_distribution(params):
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(1, 40, generator=gen) * 1.5
+    seen = torch.zeros(1, 40, dtype=torch.bool)
+    seen[0, [1, 5, 9]] = True
+    want = reference_probs(logits[0], params, seen[0] if params.repetition_penalty != 1 else None)
+    rows = row_params([params] * 500, CPU)
+    draws = torch.cat([next_tokens(logits.expand(500, -1), rows, seen.expand(500, -1),
+                                   [gen] * 500) for _ in range(40)])
+    counts = torch.bincount(draws, minlength=40).double()
+    assert set(draws.tolist()) <= set(torch.nonzero(want).flatten().tolist())
+    assert chi_square_p_value(counts, want.double()) > 1e-3
+    multinomial = torch.multinomial(want, 20000, replacement=True, generator=gen)  # the distribution it replaces
+    assert chi_square_p_value(torch.bincount(multinomial, minlength=40).double(), want.double()) > 1e-3
+
+
+def test_ties_at_the_kth_value_are_kept_and_top_p_zero_keeps_the_top():
+    tie = torch.zeros(1, 50)
+    tie[0, 5] = 1.0
+    rows = row_params([SamplingParams(1.0, 1.0, 2)], CPU)
+    gen = torch.Generator().manual_seed(2)
+    picks = {int(next_tokens(tie, rows, None, [gen])) for _ in range(400)}
+    assert 5 in picks and len(picks) > 10
+    sorted_logits = torch.tensor([[3.0, 2.0, 1.0]])
+    assert filter_sorted(sorted_logits, torch.tensor([[0]]), torch.tensor([[0.0]])).tolist() == [[True, False, False]]
+
+
+def test_seeds_reproduce_and_each_row_keeps_its_own_parameters_and_generator():
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(4))
+    params = [SamplingParams(0.9, 0.95, 0), SamplingParams(0.0), SamplingParams(1.2, 0.8, 20)]
+
+    def alone(i, seed, n=30):
+        g = torch.Generator().manual_seed(seed)
+        return [int(next_tokens(logits[i:i + 1], row_params([params[i]], CPU), None, [g])) for _ in range(n)]
+
+    def together(seeds, n=30):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        rows = row_params(params, CPU)
+        return list(zip(*[next_tokens(logits, rows, None, gens).tolist() for _ in range(n)]))
+
+    batch = together([1, 2, 3])
+    assert [list(r) for r in batch] == [alone(0, 1), alone(1, 2), alone(2, 3)]
+    assert alone(0, 1) != alone(0, 9)
+    assert set(batch[1]) == {int(logits[1].argmax())}  # the greedy row
+
+
+def test_penalty_vocab_limit_and_non_finite_rows():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 9.0]])
+    seen = torch.zeros(1, 5, dtype=torch.bool)
+    mark_seen(seen, torch.tensor([3]))
+    assert apply_repetition_penalty(logits, seen, torch.tensor([[2.0]])).tolist() == [[2.0, -1.0, 0.5, 1.5, 9.0]]
+    rows = row_params([SamplingParams(0.0, repetition_penalty=2.0)], CPU)
+    assert int(next_tokens(logits, rows, seen, [None], vocab_limit=4)) == 0  # id 4 masked, 3 penalised
+    bad = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0], [float("inf"), 0.0, 0.0]])
+    for greedy in (True, False):
+        p = SamplingParams(0.0) if greedy else SamplingParams(1.0)
+        got = next_tokens(bad, row_params([p] * 3, CPU), None, [None] * 3).tolist()
+        assert got[0] == NON_FINITE and got[2] == NON_FINITE and got[1] in (0, 1, 2)
