@@ -1,0 +1,1 @@
+"""Benchmark: ``python -m chatglm.bench`` (see ``__main__``)."""

@@ -1,0 +1,116 @@
+"""Derived figures (floor, ratios, targets) and the printed table of a benchmark run."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+TARGETS = {  # name: (threshold, higher is better)
+    "decode_pct_of_floor": (85.0, True),
+    "decode_speedup_vs_baseline": (5.0, True),
+    "decode_speedup_vs_chatglm_cpp": (1.5, True),
+    "prefill_pct_of_matmul_rate": (50.0, True),
+    "setup_over_read": (1.2, False),
+    "peak_rss_over_weight_bytes": (1.3, False),
+}
+
+
+def summarize(r: dict, dtype: torch.dtype) -> dict:
+    """The headline figures of a run, each target with its threshold and whether it is met."""
+    ours = r["ours"]
+    bandwidth = max(r["bandwidth_bytes_per_s"])  # the faster reading gives the stricter floor
+    decode = statistics.median(ours["decode_step_seconds"])
+    floor = ours["decode_bytes_per_token"] / bandwidth
+    rate_key = str(dtype).removeprefix("torch.")
+    matmul = r["matmul_flops"][rate_key]
+    s = {
+        "bandwidth_gb_per_s": bandwidth / 1e9,
+        "decode_ms_median": 1e3 * decode,
+        "decode_tokens_timed": len(ours["decode_step_seconds"]),
+        "decode_bytes_per_token": ours["decode_bytes_per_token"],
+        "floor_ms": 1e3 * floor,
+        "decode_pct_of_floor": 100 * floor / decode,
+        "cold_cache": ours["cold_cache"],
+        "setup_seconds": ours["setup_seconds"],
+        "read_seconds": ours["read_seconds_cold"],
+        "setup_over_read": ours["setup_seconds"] / ours["read_seconds_cold"],
+        "setup_seconds_warm": ours["warm"]["setup_seconds"],
+        "read_seconds_warm": ours["read_seconds"],
+        "setup_over_read_warm": ours["warm"]["setup_seconds"] / ours["read_seconds"],
+        "weight_file_bytes": ours["weight_file_bytes"],
+        "peak_rss_bytes": ours["peak_rss"],
+        "peak_rss_over_weight_bytes": ours["peak_rss"] / ours["weight_file_bytes"],
+        "matmul_rate_key": rate_key,
+        "matmul_gflops": matmul / 1e9,
+        "ttft_seconds": ours["ttft_seconds"],
+        "prefill_gflops": {},
+        "backend": ours["backend"],
+    }
+    for n, seconds in ours["ttft_seconds"].items():
+        s["prefill_gflops"][n] = ours["prefill_flops_per_token"] * int(n) / seconds / 1e9
+    long_prompts = [n for n in s["prefill_gflops"] if int(n) >= 512] or list(s["prefill_gflops"])
+    if long_prompts:
+        s["prefill_pct_of_matmul_rate"] = min(100 * s["prefill_gflops"][n] * 1e9 / matmul for n in long_prompts)
+    if "baseline" in r:
+        base = statistics.median(r["baseline"]["decode_step_seconds"])
+        s["baseline_decode_ms_median"] = 1e3 * base
+        s["baseline_tokens_timed"] = len(r["baseline"]["decode_step_seconds"])
+        s["decode_speedup_vs_baseline"] = base / decode
+        # Any dequantize-then-matmul decode also writes and reads back each weight as 2-byte floats.
+        ideal = (ours["decode_bytes_per_token"] + 4 * ours["int4_weights"]) / bandwidth
+        s["dequantize_floor_ms"] = 1e3 * ideal
+        s["decode_speedup_vs_dequantize_floor"] = ideal / decode
+    cpp = r.get("chatglm_cpp", {})
+    if "decode_ms_median" in cpp:
+        s["chatglm_cpp_decode_ms_median"] = cpp["decode_ms_median"]
+        s["decode_speedup_vs_chatglm_cpp"] = cpp["decode_ms_median"] / s["decode_ms_median"]
+    s["targets"] = {name: {"value": s[name], "target": (">= " if up else "<= ") + str(limit),
+                           "met": s[name] >= limit if up else s[name] <= limit}
+                    for name, (limit, up) in TARGETS.items() if name in s}
+    return s
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def table(r: dict) -> str:
+    """A plain-text report of the run."""
+    s, m = r["summary"], r["machine"]
+    rows = [
+        ("machine", f"{m.get('gpu') or m.get('cpu')}, {m['threads']} threads, torch {m['torch']}"),
+        ("int4 backend", s["backend"]),
+        ("memory read bandwidth", f"{s['bandwidth_gb_per_s']:.1f} GB/s"),
+        ("bytes read per decoded token", _gb(s["decode_bytes_per_token"])),
+        ("decode floor (bytes / bandwidth)", f"{s['floor_ms']:.1f} ms/token"),
+        (f"decode, median of {s['decode_tokens_timed']}", f"{s['decode_ms_median']:.1f} ms/token "
+         f"({s['decode_pct_of_floor']:.0f} % of the floor)"),
+    ]
+    if "baseline_decode_ms_median" in s:
+        rows.append((f"baseline decode (dequantize + matmul), median of {s['baseline_tokens_timed']}",
+                     f"{s['baseline_decode_ms_median']:.1f} ms/token (ours {s['decode_speedup_vs_baseline']:.1f}x faster)"))
+    if "dequantize_floor_ms" in s:
+        rows.append(("floor of any dequantize-then-matmul decode (2-byte floats)",
+                     f"{s['dequantize_floor_ms']:.1f} ms/token (ours {s['decode_speedup_vs_dequantize_floor']:.1f}x faster)"))
+    cpp = r.get("chatglm_cpp", {})
+    rows.append(("chatglm.cpp decode", f"{cpp['decode_ms_median']:.1f} ms/token" if "decode_ms_median" in cpp
+                 else cpp.get("status", "not measured")))
+    for n, seconds in s["ttft_seconds"].items():
+        rows.append((f"time to first token, {n}-token prompt",
+                     f"{seconds:.2f} s ({s['prefill_gflops'][n]:.0f} GFLOP/s)"))
+    rows += [
+        (f"{s['matmul_rate_key']} matmul rate (512x4096x4096)", f"{s['matmul_gflops']:.0f} GFLOP/s"),
+        ("float32 matmul rate (512x4096x4096)", f"{r['matmul_flops']['float32'] / 1e9:.0f} GFLOP/s"),
+        ("read weight files, from disk" + ("" if s["cold_cache"] else " (cache not dropped)"),
+         f"{s['read_seconds']:.2f} s for {_gb(s['weight_file_bytes'])}"),
+        ("setup (load + prepare), from disk", f"{s['setup_seconds']:.2f} s ({s['setup_over_read']:.2f}x the read)"),
+        ("read weight files, page cache", f"{s['read_seconds_warm']:.2f} s"),
+        ("setup, page cache", f"{s['setup_seconds_warm']:.2f} s ({s['setup_over_read_warm']:.2f}x the read)"),
+        ("peak RSS", f"{_gb(s['peak_rss_bytes'])} ({s['peak_rss_over_weight_bytes']:.2f}x the weight files)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines.append("targets:")
+    for name, t in s["targets"].items():
+        lines.append(f"  {name.ljust(32)} {t['value']:8.2f}  (target {t['target']})  {'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)

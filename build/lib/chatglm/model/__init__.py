@@ -1,0 +1,1 @@
+"""The transformer, its KV cache and the CUDA-graph decode step."""

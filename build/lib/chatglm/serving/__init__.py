@@ -1,0 +1,1 @@
+"""Serving: request inputs, sampling, generation of token ids and the public Pipeline."""

@@ -1,0 +1,141 @@
+"""Turns the service's string inputs (prompt, messages JSON, tools JSON, stop sequences) into a
+request for :class:`~chatglm.pipeline.Pipeline`. Every error names the input and the rule."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_TOOLS_SYSTEM = ("Answer the following questions as best as you can. "
+                        "You have access to the following tools:")
+
+
+class InputError(ValueError):
+    """A prediction input breaks a rule; the message names the input."""
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]
+    stop_sequences: list[str]
+
+
+def parse_stop_sequences(text: str) -> list[str]:
+    """Comma-separated stop texts (each stripped of surrounding spaces, empty ones dropped), or a JSON
+    list of strings for texts that contain commas or must keep their spaces."""
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"stop_sequences: starts with '[' but is not a JSON list of strings ({exc.msg})") from None
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise InputError("stop_sequences: a JSON value must be a list of strings")
+        return [s for s in value if s]
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _find_surrogate(value: Any, path: str) -> tuple[str, int, str] | None:
+    """The first lone surrogate (half of a UTF-16 pair, not a character) in the strings of ``value``:
+    ``(path, index, char)``, or None. They come from JSON escapes such as ``"\\ud800"``."""
+    if isinstance(value, str):
+        for i, ch in enumerate(value):
+            if "\ud800" <= ch <= "\udfff":
+                return path, i, ch
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _find_surrogate(key, path) or _find_surrogate(item, f"{path}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_surrogate(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def check_unicode(name: str, value: Any) -> None:
+    """Raise InputError when a string in ``value`` holds a lone surrogate, which no tokenizer (and no
+    UTF-8 encoder) accepts; the message names the input, the position and the code point."""
+    found = _find_surrogate(value, name)
+    if found:
+        path, index, ch = found
+        raise InputError(f"{path}: contains a lone surrogate U+{ord(ch):04X} at character {index}, which is "
+                         "not valid Unicode text; send UTF-8 text (a JSON \\uD83D\\uDE00 escape pair is fine, "
+                         "half of one is not)")
+
+
+def _json_list(name: str, text: str) -> list:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(value, list):
+        raise InputError(f"{name}: must be a JSON list, got a JSON {type(value).__name__}")
+    return value
+
+
+def build_request(pipe, prompt: str, system_prompt: str = "", messages: str = "", tools: str = "",
+                  stop_sequences: str = "") -> ChatRequest:
+    """Combine the inputs into messages for ``pipe`` (a Pipeline); validation errors are InputError."""
+    chatglm3 = pipe.format_name == "chatglm3"
+    for name, text in (("prompt", prompt), ("system_prompt", system_prompt), ("messages", messages),
+                       ("tools", tools), ("stop_sequences", stop_sequences)):
+        check_unicode(name, text)
+    if messages.strip():
+        if prompt.strip():
+            raise InputError("prompt and messages: give one of them, not both (messages holds the whole conversation)")
+        convo = _json_list("messages", messages)
+        check_unicode("messages", convo)
+        if not convo:
+            raise InputError("messages: the list is empty; give at least one user message")
+        for i, m in enumerate(convo):
+            if not isinstance(m, dict):
+                raise InputError(f"messages[{i}]: must be an object with 'role' and 'content', got {type(m).__name__}")
+    else:
+        if not prompt.strip():
+            raise InputError("prompt: is empty; give a prompt (or a messages list)")
+        try:
+            convo = pipe.messages_from_prompt(prompt)
+        except ValueError as exc:
+            raise InputError(f"prompt: {exc}") from None
+    convo = [dict(m) for m in convo]
+    tool_list = None
+    if tools.strip():
+        if not chatglm3:
+            raise InputError("tools: tool calling needs a ChatGLM3 model; this one is ChatGLM2")
+        tool_list = _json_list("tools", tools)
+        check_unicode("tools", tool_list)
+        for i, tool in enumerate(tool_list):
+            if not isinstance(tool, dict):
+                raise InputError(f"tools[{i}]: must be a JSON object (a tool definition with a name), "
+                                 f"got a JSON {type(tool).__name__}")
+    if system_prompt or tool_list is not None:
+        convo = _with_system(convo, system_prompt, tool_list, chatglm3)
+    try:
+        pipe.format.validate_messages(convo)
+    except ValueError as exc:
+        raise InputError(f"messages: {exc}" if messages.strip() else f"prompt: {exc}") from None
+    stops = parse_stop_sequences(stop_sequences)
+    check_unicode("stop_sequences", stops)
+    return ChatRequest(convo, stops)
+
+
+def _with_system(convo: list[dict], system_prompt: str, tools: list | None, chatglm3: bool) -> list[dict]:
+    if not chatglm3:
+        # ChatGLM2 has no system role: the system prompt leads the first user turn.
+        first = next((i for i, m in enumerate(convo) if m.get("role") == "user"), None)
+        if first is None:
+            raise InputError("system_prompt: the conversation has no user message to attach it to")
+        convo[first]["content"] = f"{system_prompt}\n\n{convo[first].get('content', '')}"
+        return convo
+    if convo and convo[0].get("role") == "system":
+        if system_prompt:
+            raise InputError("system_prompt: the conversation already starts with a system message; give one or the other")
+        if tools is not None:
+            convo[0]["tools"] = tools
+        return convo
+    system: dict = {"role": "system", "content": system_prompt or DEFAULT_TOOLS_SYSTEM}
+    if tools is not None:
+        system["tools"] = tools
+    return [system] + convo

@@ -1,0 +1,117 @@
+"""Next-token selection on the model's device, for a batch of rows with their own parameters.
+
+Pure functions of tensors: nothing is read back to the host, so a decode step and its sampling run
+without a synchronisation. Sampling is an exponential race: with ``q_i ~ Exp(1)`` independent,
+``argmax_i p_i / q_i`` picks ``i`` with probability ``p_i / sum p``, the same distribution as a
+multinomial draw, with one random number per candidate and no cumulative sum over the vocabulary.
+Each row draws its noise from its own generator, so a seeded request gives the same tokens alone or
+beside others on the same device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+
+GREEDY_BELOW = 1e-5
+NON_FINITE = -1
+"""The token id reported for a row whose logits hold NaN or an infinity."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; repetition_penalty 1 = off."""
+
+    temperature: float = 0.0
+    top_p: float = 0.8
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        checks = [("temperature", self.temperature, 0.0, 100.0), ("top_p", self.top_p, 0.0, 1.0),
+                  ("top_k", self.top_k, 0, 1_000_000), ("repetition_penalty", self.repetition_penalty, 0.01, 100.0)]
+        for name, value, lo, hi in checks:
+            if not (lo <= value <= hi):  # also rejects NaN
+                raise ValueError(f"{name}={value!r} is out of range: allowed {lo} <= {name} <= {hi}")
+
+    @property
+    def greedy(self) -> bool:
+        # Below this, sampling already picks the most likely token, and dividing float32 logits by a
+        # temperature under ~1e-38 overflows to inf: such temperatures are greedy.
+        return self.temperature < GREEDY_BELOW
+
+
+class RowParams(NamedTuple):
+    """The parameters of ``B`` rows as device tensors (see :func:`row_params`)."""
+
+    temperature: torch.Tensor  # float32 [B, 1] (1 for greedy rows)
+    top_k: torch.Tensor  # long [B, 1], 0 = off
+    top_p: torch.Tensor  # float32 [B, 1]
+    penalty: torch.Tensor  # float32 [B, 1]
+    greedy: torch.Tensor  # bool [B]
+    all_greedy: bool
+    any_penalty: bool
+
+
+def row_params(params: Sequence[SamplingParams], device: torch.device) -> RowParams:
+    """Stack per-row parameters into device tensors once per batch composition."""
+    def col(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device).view(-1, 1)
+
+    greedy = [p.greedy for p in params]
+    return RowParams(col([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+                     col([p.top_k for p in params], torch.long), col([p.top_p for p in params], torch.float32),
+                     col([p.repetition_penalty for p in params], torch.float32),
+                     torch.tensor(greedy, dtype=torch.bool, device=device), all(greedy),
+                     any(p.repetition_penalty != 1.0 for p in params))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Tokens already present (``seen`` bool ``[B, V]``): positive logits divided by the row's
+    penalty, negative ones multiplied by it."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which of the descending ``sorted_logits [B, V]`` (already divided by the temperature) survive
+    top-k (every token tied with the k-th kept) and then top-p (the smallest prefix whose probability
+    mass reaches p, at least one token); bool ``[B, V]``."""
+    V = sorted_logits.shape[-1]
+    kth = sorted_logits.gather(-1, (top_k.clamp(1, V) - 1))
+    keep = (sorted_logits >= kth) | (top_k <= 0)
+    probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    keep &= mass_before < top_p
+    keep[:, 0] = True  # the most likely token always stays (top_p = 0 keeps only it)
+    return keep
+
+
+def next_tokens(logits: torch.Tensor, rows: RowParams, seen: torch.Tensor | None,
+                generators: Sequence[torch.Generator | None], vocab_limit: int | None = None) -> torch.Tensor:
+    """The next token of each row, long ``[B]`` on ``logits``' device (:data:`NON_FINITE` for a row
+    whose logits are not all finite). ``logits [B, V]`` float32; ``seen`` marks each row's tokens so
+    far (for the repetition penalty); ``vocab_limit`` masks ids at and above it."""
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[:, :vocab_limit]
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    if rows.any_penalty and seen is not None:
+        logits = apply_repetition_penalty(logits, seen[:, :logits.shape[-1]], rows.penalty)
+    choice = logits.argmax(dim=-1)
+    if not rows.all_greedy:
+        sorted_logits, order = torch.sort(logits / rows.temperature, dim=-1, descending=True)
+        keep = filter_sorted(sorted_logits, rows.top_k, rows.top_p)
+        probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(-1)
+        noise = torch.empty_like(probs)
+        for b, gen in enumerate(generators):
+            noise[b].exponential_(generator=gen)
+        noise.clamp_min_(torch.finfo(torch.float32).tiny)  # never 0 / 0 for a filtered-out candidate
+        drawn = order.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
+        choice = torch.where(rows.greedy, choice, drawn)
+    return torch.where(bad, torch.full_like(choice, NON_FINITE), choice)
+
+
+def mark_seen(seen: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Record ``tokens [B]`` in ``seen [B, V]`` in place (a :data:`NON_FINITE` row ends its request)."""
+    seen.scatter_(1, tokens.clamp_min(0).view(-1, 1), True)

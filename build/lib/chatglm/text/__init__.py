@@ -1,0 +1,1 @@
+"""Text: the SentencePiece tokenizer, the stream decoder, stop sequences and reply parsing."""
