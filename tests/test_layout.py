@@ -101,3 +101,12 @@ def test_pyproject_lists_every_package():
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in ROOT.glob("chatglm/**/__init__.py")}
     found |= {"prompts"}
     assert listed == found
+
+
+def test_chunk_attention_memory_stays_far_below_the_math_kernel():
+    proc = subprocess.run([sys.executable, "-m", "chatglm.bench.attention", "--length", "4096", "--chunk", "256"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = {ln.split(",")[-1].split(":")[0].strip(): float(ln.split(":")[-1].split()[0])
+                for ln in proc.stdout.splitlines() if "measured on CPU" in ln}
+    assert measured["ours"] * 4 < measured["math"], measured
