@@ -117,3 +117,19 @@ class KVCache:
         keys.scatter_(2, index, k)
         values.scatter_(2, index, v)
         return keys, values
+
+
+class RowCaches:
+    """One-token steps for rows that each own a cache of their own size (concurrent requests):
+    row ``b`` writes into ``caches[b]`` at position ``lengths[b]`` and attends to its positions
+    ``0 .. lengths[b]``. The linear layers still run once for all rows; only attention is per row."""
+
+    def __init__(self, caches: list[KVCache], lengths: list[int]):
+        if len(caches) != len(lengths) or not caches:
+            raise ValueError(f"RowCaches needs one length per cache, got {len(caches)} caches, {len(lengths)} lengths")
+        for c, n in zip(caches, lengths):
+            if c.batch != 1 or not 0 <= n < c.capacity:
+                raise ValueError(f"a row cache must hold one row with room at position {n} (capacity {c.capacity})")
+        self.caches, self.lengths = caches, lengths
+        self.batch = len(caches)
+        self.capacity = max(c.capacity for c in caches)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import chunk_attention, prompt_attention, token_attention
-from .cache import KVCache
+from .cache import KVCache, RowCaches
 from ..config import ChatGLMConfig
 
 
@@ -91,6 +91,9 @@ class SelfAttention(nn.Module):
         cache = step.cache
         if cache is None:
             out = prompt_attention(q, k, v)
+        elif isinstance(cache, RowCaches):
+            out = torch.cat([self._row_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], c, n, layer)
+                             for b, (c, n) in enumerate(zip(cache.caches, cache.lengths))])
         elif step.visible is not None:  # one token per row, written at each row's own position
             keys, values = cache.write_rows(layer, step.input_pos, k, v)
             span = step.span or cache.capacity
@@ -99,6 +102,12 @@ class SelfAttention(nn.Module):
             keys, values = cache.write_span(layer, step.start, k, v)
             out = prompt_attention(q, k, v) if step.start == 0 else chunk_attention(q, keys, values)
         return self.dense(out.transpose(1, 2).reshape(B, S, q_size))
+
+    @staticmethod
+    def _row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, length: int,
+                       layer: int) -> torch.Tensor:
+        keys, values = cache.write_span(layer, length, k, v)  # positions 0 .. length, all written
+        return token_attention(q, keys, values, torch.ones(1, length + 1, dtype=torch.bool, device=q.device))
 
 
 class MLP(nn.Module):
@@ -168,6 +177,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
       back to the host and nothing branches on tensor values, so this step can be captured in a CUDA
       graph. Each row attends to its positions ``<= input_pos``, over the first ``span`` cache
       positions when given (a host-side bound that eager callers know), else the whole capacity.
+      With :class:`~chatglm.model.cache.RowCaches` each row has a cache of its own size instead
+      (concurrent requests): the linear layers run once for all rows, attention row by row.
 
     ``last_only`` computes logits for the last position only."""
 
@@ -184,7 +195,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.embedding.word_embeddings.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: KVCache | RowCaches | None = None,
                 last_only: bool = False, span: int | None = None) -> torch.Tensor:
         step = self._step(input_ids, input_pos, cache, span)
         t = self.transformer
@@ -197,7 +209,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         x = t.encoder.final_layernorm(x)
         return t.output_layer(x).float()
 
-    def _step(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None, cache: KVCache | None,
+    def _step(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None, cache: KVCache | RowCaches | None,
               span: int | None) -> Step:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -215,6 +227,10 @@ class ChatGLMForConditionalGeneration(nn.Module):
             return Step(None, input_pos, 0, None, None)
         if cache.batch != B:
             raise ValueError(f"the cache holds {cache.batch} rows but input_ids has {B}")
+        if isinstance(cache, RowCaches):
+            if S != 1:
+                raise ValueError("row caches take one-token steps only; prefill each row's own cache")
+            return Step(cache, input_pos, 0, None, None)
         if S == 1:
             positions = torch.arange(cache.capacity, device=input_ids.device)
             if span is not None and not 0 < span <= cache.capacity:

@@ -17,6 +17,7 @@ from ..config import ChatGLMConfig
 from ..family import detect_family, prompt_format
 from ..model.decoder import DecoderPool
 from .generation import check_prompt_length, generate_ids
+from .scheduler import Scheduler, cache_budget_bytes
 from ..model.transformer import ChatGLMForConditionalGeneration
 from ..text.reply import Chatglm3Reply, PlainReply
 from .sampling import SamplingParams
@@ -70,6 +71,7 @@ class Pipeline:
         self.stop_ids = tuple(self.format.STOP_IDS)
         self.max_context = min(max_context or config.seq_length, config.seq_length)
         self.decoders = DecoderPool(model)
+        self.scheduler: Scheduler | None = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device | None = "cpu",
@@ -124,8 +126,27 @@ class Pipeline:
         if stats is not None:
             stats.seed, stats.input_tokens = seed, len(input_ids)
             stats.token_budget = min(max_new_tokens, self.max_context - len(input_ids))
+        if self.scheduler is not None:
+            budget = min(max_new_tokens, self.max_context - len(input_ids))
+            if budget < max_new_tokens:
+                log.warning("max_new_tokens=%d clamped to %d: the prompt has %d tokens of a %d-token context",
+                            max_new_tokens, budget, len(input_ids), self.max_context)
+            if budget == 0:
+                return iter(())
+            return self.scheduler.submit(input_ids, budget, params, self.stop_ids, generator)
         return generate_ids(self.model, input_ids, max_new_tokens, params, self.stop_ids, self.max_context,
                             generator, vocab_limit=self.tokenizer.vocab_size, decoders=self.decoders)
+
+    def serve(self, max_batch: int, max_waiting: int = 16, prefill_chunk: int | None = None) -> Scheduler:
+        """From now on, requests (``generate``, ``stream``, ``chat``) from any number of threads are
+        batched on the model by one engine thread: up to ``max_batch`` decode together, up to
+        ``max_waiting`` more wait, and beyond that :class:`AtCapacityError` is raised."""
+        if self.scheduler is not None:
+            raise RuntimeError("this pipeline already serves concurrent requests")
+        self.decoders.release()
+        self.scheduler = Scheduler(self.model, max_batch, max_waiting, vocab_limit=self.tokenizer.vocab_size,
+                                   prefill_chunk=prefill_chunk, max_cache_bytes=cache_budget_bytes(self.model.device))
+        return self.scheduler
 
     def warmup(self, max_new_tokens: int = WARMUP_MAX_NEW_TOKENS) -> float:
         """Run a short generation now (kernels compile, caches and allocators settle) and on CUDA
