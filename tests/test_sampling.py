@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from chatglm.serving import sampling
 from chatglm.serving.sampling import NON_FINITE, SamplingParams, apply_repetition_penalty, filter_sorted, mark_seen, \
     next_tokens, row_params
 
@@ -50,15 +51,20 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.parametrize("params", [SamplingParams(1.0, 1.0, 0), SamplingParams(0.7, 0.9, 7),
                                     SamplingParams(1.3, 0.6, 0), SamplingParams(0.8, 0.8, 50, 1.4)],
                          ids=["plain", "top-k+top-p", "top-p", "defaults+penalty"])
-def test_the_race_draws_the_filtered_softmax_distribution(params):
+@pytest.mark.parametrize("path", ["candidates", "sorted"], ids=["cpu-candidates", "gpu-sorted"])
+def test_the_race_draws_the_filtered_softmax_distribution(params, path, monkeypatch):
+    """Both drawing paths (the GPU's whole-vocabulary sort and the CPU's top-k candidates) draw
+    from the intended distribution; here both run on CPU tensors."""
+    if path == "sorted":
+        monkeypatch.setattr(sampling, "sample_candidates", sampling.sample_sorted)
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(1, 40, generator=gen) * 1.5
     seen = torch.zeros(1, 40, dtype=torch.bool)
     seen[0, [1, 5, 9]] = True
     want = reference_probs(logits[0], params, seen[0] if params.repetition_penalty != 1 else None)
-    rows = row_params([params] * 500, CPU)
-    draws = torch.cat([next_tokens(logits.expand(500, -1), rows, seen.expand(500, -1),
-                                   [gen] * 500) for _ in range(40)])
+    rows = row_params([params] * 250, CPU)
+    draws = torch.cat([next_tokens(logits.expand(250, -1), rows, seen.expand(250, -1),
+                                   [gen] * 250) for _ in range(40)])
     counts = torch.bincount(draws, minlength=40).double()
     assert set(draws.tolist()) <= set(torch.nonzero(want).flatten().tolist())
     assert chi_square_p_value(counts, want.double()) > 1e-3

@@ -100,16 +100,42 @@ def next_tokens(logits: torch.Tensor, rows: RowParams, seen: torch.Tensor | None
         logits = apply_repetition_penalty(logits, seen[:, :logits.shape[-1]], rows.penalty)
     choice = logits.argmax(dim=-1)
     if not rows.all_greedy:
-        sorted_logits, order = torch.sort(logits / rows.temperature, dim=-1, descending=True)
-        keep = filter_sorted(sorted_logits, rows.top_k, rows.top_p)
-        probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(-1)
-        noise = torch.empty_like(probs)
-        for b, gen in enumerate(generators):
-            noise[b].exponential_(generator=gen)
-        noise.clamp_min_(torch.finfo(torch.float32).tiny)  # never 0 / 0 for a filtered-out candidate
-        drawn = order.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
-        choice = torch.where(rows.greedy, choice, drawn)
+        scaled = logits / rows.temperature
+        draw = sample_candidates if logits.device.type == "cpu" else sample_sorted
+        choice = torch.where(rows.greedy, choice, draw(scaled, rows, generators))
     return torch.where(bad, torch.full_like(choice, NON_FINITE), choice)
+
+
+def _race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Index of the winner of the exponential race over ``probs [..., n]`` (one draw per entry)."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    noise.clamp_min_(torch.finfo(torch.float32).tiny)  # never 0 / 0 for a filtered-out candidate
+    return (probs / noise).argmax(dim=-1)
+
+
+def sample_sorted(scaled: torch.Tensor, rows: RowParams, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Draw from every row at once over its whole vocabulary, stably sorted (no host sync; the GPU path)."""
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    keep = filter_sorted(sorted_logits, rows.top_k, rows.top_p)
+    probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(-1)
+    picks = torch.stack([_race(probs[b], gen) for b, gen in enumerate(generators)])
+    return order.gather(-1, picks[:, None]).squeeze(-1)
+
+
+def sample_candidates(scaled: torch.Tensor, rows: RowParams, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """The same draw row by row over the top-k candidates only (every id tied with the k-th
+    included, in id order, then stably sorted): on CPU this costs a fraction of sorting the whole
+    vocabulary. It reads each row's k and the candidate count on the host."""
+    out = []
+    for b, gen in enumerate(generators):
+        x = scaled[b]
+        k = int(rows.top_k[b, 0])
+        ids = torch.arange(x.numel()) if k <= 0 or k >= x.numel() else torch.nonzero(x >= torch.topk(x, k).values[-1]).flatten()
+        vals, order = torch.sort(x[ids], descending=True, stable=True)
+        keep = filter_sorted(vals[None], torch.zeros_like(rows.top_k[b:b + 1]), rows.top_p[b:b + 1])[0]
+        probs = vals.masked_fill(~keep, float("-inf")).softmax(-1)
+        out.append(ids[order[_race(probs, gen)]])
+    return torch.stack(out)
 
 
 def mark_seen(seen: torch.Tensor, tokens: torch.Tensor) -> None:
