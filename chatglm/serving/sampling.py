@@ -129,6 +129,9 @@ def sample_candidates(scaled: torch.Tensor, rows: RowParams, generators: Sequenc
     out = []
     for b, gen in enumerate(generators):
         x = scaled[b]
+        if not bool(torch.isfinite(x).all()):  # reported as NON_FINITE by the caller
+            out.append(torch.zeros((), dtype=torch.long))
+            continue
         k = int(rows.top_k[b, 0])
         ids = torch.arange(x.numel()) if k <= 0 or k >= x.numel() else torch.nonzero(x >= torch.topk(x, k).values[-1]).flatten()
         vals, order = torch.sort(x[ids], descending=True, stable=True)
