@@ -85,8 +85,12 @@ def test_gpucheck_without_cuda_says_so_in_one_line():
 
 
 def test_the_wheel_builds_with_the_package_and_prompts(tmp_path):
+    import shutil
+    src = tmp_path / "src"  # a copy, so the build's own folders never land in the working tree
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "weights", "__pycache__", "build",
+                                                              "*.egg-info", ".cog"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+                           "-w", str(tmp_path), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import zipfile
     wheel = next(tmp_path.glob("*.whl"))

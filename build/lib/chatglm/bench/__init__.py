@@ -1,1 +1,0 @@
-"""Benchmark: ``python -m chatglm.bench`` (see ``__main__``)."""

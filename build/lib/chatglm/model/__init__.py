@@ -1,1 +1,0 @@
-"""The transformer, its KV cache and the CUDA-graph decode step."""

@@ -1,1 +1,0 @@
-"""Serving: request inputs, sampling, generation of token ids and the public Pipeline."""

@@ -1,1 +1,0 @@
-"""Text: the SentencePiece tokenizer, the stream decoder, stop sequences and reply parsing."""

@@ -1,1 +1,0 @@
-"""Model files: strict checkpoint loading, the safetensors reader, fp16 -> int4 conversion, download."""
