@@ -8,7 +8,8 @@ ninja) keeps torch's int4 kernel: :func:`load` returns None and logs why, once.
 
 Ops: ``int4_gemv(x[M, K], weight int8 [N, K/2], scale fp16 [N], isa)`` for M = 1..8 rows,
 ``int8_gemv(x, weight int8 [N, K], scale float32 [N], isa)`` (the output layer) and
-``int4_unpack(weight, scale, r0, r1, dtype)`` (int8 codes or dequantized rows, for prefill).
+``int4_unpack(weight, scale, r0, r1, dtype)`` (int8 codes or dequantized rows, for prefill) and
+``quantize_rows_int8(weight)`` (the output layer's int8 copy).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("int4_gemv.cpp",)
+SOURCES = ("int4_gemv.cpp", "int8_head.cpp")
+HEADERS = ("common.h", "int4_avx2.inc")
 ISA_PATHS = {"scalar": 0, "avx2": 1, "avx-vnni": 2, "avx512-vnni": 3}
 """ISA paths by name, as the C++ ``Isa`` enum numbers them."""
 MAX_ROWS = 8
@@ -36,7 +38,7 @@ _state: dict[str, object] = {}
 
 def _build_name() -> str:
     digest = hashlib.sha256()
-    for name in SOURCES + ("int4_avx2.inc",):
+    for name in SOURCES + HEADERS:
         digest.update((CSRC / name).read_bytes())
     digest.update(torch.__version__.encode())
     return f"chatglm_kernels_{digest.hexdigest()[:12]}"
@@ -108,6 +110,11 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: s
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, isa: str | None = None) -> torch.Tensor:
     """``x [M <= 8, K] @ (weight * scale[:, None]).T`` for int8 ``weight [N, K]`` and float32 ``scale``."""
     return torch.ops.chatglm.int8_gemv(x, weight, scale, _isa_code(isa))
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 codes (-127..127) and float32 scales (absmax / 127) of a float ``weight [N, K]``."""
+    return torch.ops.chatglm.quantize_rows_int8(weight)
 
 
 def int4_unpack(weight: torch.Tensor, scale: torch.Tensor, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
