@@ -72,10 +72,18 @@ def test_non_finite_rows_give_nan_and_zero_rows_give_zero() -> None:
 def test_int4_unpack_gives_codes_and_dequantized_rows() -> None:
     codes = torch.randint(-8, 8, (11, 70), dtype=torch.int8)
     w, s = pack_int4(codes), torch.rand(11).half()
-    assert torch.equal(native.int4_unpack(w, s, 2, 9, torch.int8), codes[2:9])
+    assert torch.equal(native.int4_unpack(w, s, 2, torch.empty(7, 70, dtype=torch.int8)), codes[2:9])
     ref = dequantize_int4(w, s)
-    assert torch.equal(native.int4_unpack(w, s, 0, 11, torch.float32), ref)
-    assert torch.equal(native.int4_unpack(w, s, 0, 11, torch.bfloat16), ref.bfloat16())
+    assert torch.equal(native.int4_unpack(w, s, 0, torch.empty(11, 70)), ref)
+    assert torch.equal(native.int4_unpack(w, s, 0, torch.empty(11, 70, dtype=torch.bfloat16)), ref.bfloat16())
+    big = torch.randint(-8, 8, (3, 4096), dtype=torch.int8)  # whole AVX512 steps and a tail
+    wb, sb = pack_int4(big), torch.rand(3).half()
+    for k in (4096, 4066):
+        wk = wb[:, : k // 2].contiguous()
+        got = native.int4_unpack(wk, sb, 0, torch.empty(3, k, dtype=torch.bfloat16))
+        assert torch.equal(got, dequantize_int4(wk, sb).bfloat16())
+    with pytest.raises(RuntimeError, match="outside the weight"):
+        native.int4_unpack(w, s, 5, torch.empty(7, 70, dtype=torch.int8))
 
 
 @pytest.mark.parametrize("n,k", [(37, 4096), (9, 200), (5, 64)])

@@ -8,7 +8,7 @@ ninja) keeps torch's int4 kernel: :func:`load` returns None and logs why, once.
 
 Ops: ``int4_gemv(x[M, K], weight int8 [N, K/2], scale fp16 [N], isa)`` for M = 1..8 rows,
 ``int8_gemv(x, weight int8 [N, K], scale float32 [N], isa)`` (the output layer) and
-``int4_unpack(weight, scale, r0, r1, dtype)`` (int8 codes or dequantized rows, for prefill) and
+``int4_unpack(weight, scale, r0, out)`` (int8 codes or dequantized rows, for prefill) and
 ``quantize_rows_int8(weight)`` (the output layer's int8 copy).
 """
 from __future__ import annotations
@@ -117,6 +117,7 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.ops.chatglm.quantize_rows_int8(weight)
 
 
-def int4_unpack(weight: torch.Tensor, scale: torch.Tensor, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``r0:r1`` of the official int4 weight as int8 codes (``dtype=torch.int8``) or ``code * scale``."""
-    return torch.ops.chatglm.int4_unpack(weight, scale, r0, r1, dtype)
+def int4_unpack(weight: torch.Tensor, scale: torch.Tensor, r0: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``r0 : r0 + len(out)`` of the official int4 weight into ``out``: int8 codes, or ``code * scale``
+    in bfloat16 / float32 (``out``'s dtype). Returns ``out``."""
+    return torch.ops.chatglm.int4_unpack(weight, scale, r0, out)
