@@ -1,7 +1,8 @@
 """CPU int4 matmul with our C++ kernels (:mod:`.native`) on the official weight bytes: no repacking.
 
 * Up to :data:`~.native.MAX_ROWS` input rows (decode, batched decode): one ``int4_gemv`` call reads
-  the weight once for all rows (activations quantized to int8 per block of 128, q4 x q8 dot products).
+  the weight once for all rows (each activation row split into two int8 terms, q4 x q8 dot products
+  summed exactly in int32).
 * Up to :data:`GEMV_MAX_ROWS` rows: the same kernel on groups of 8 rows.
 * More rows (prefill): blocks of :data:`PREFILL_BLOCK_ROWS` weight rows are unpacked by the C++ op and
   multiplied by oneDNN, either dequantized to bfloat16 (fast where the CPU has AMX or avx512_bf16) or
@@ -80,7 +81,7 @@ def _prefill_int8(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -
     return y
 
 
-def _time(fn, repeats: int = 3) -> float:
+def _time(fn, repeats: int = 2) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -90,7 +91,7 @@ def _time(fn, repeats: int = 3) -> float:
     return best
 
 
-def measure_prefill(m: int = 256, k: int = 4096, n: int = PREFILL_BLOCK_ROWS) -> dict[str, float]:
+def measure_prefill(m: int = 128, k: int = 4096, n: int = PREFILL_BLOCK_ROWS) -> dict[str, float]:
     """FLOP/s of each prefill path on one ``[m, k] x [n, k]`` block (unpacking included)."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randint(-128, 128, (n, k // 2), generator=gen, dtype=torch.int8)
@@ -101,7 +102,7 @@ def measure_prefill(m: int = 256, k: int = 4096, n: int = PREFILL_BLOCK_ROWS) ->
 
 
 def prefill_path() -> str:
-    """The faster prefill path on this machine: measured once per process (about 0.1 s), then cached."""
+    """The faster prefill path on this machine: measured once per process (0.1-0.3 s), then cached."""
     if "path" not in _prefill:
         rates = measure_prefill()
         _prefill["path"] = max(rates, key=rates.get)

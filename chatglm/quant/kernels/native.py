@@ -44,15 +44,24 @@ def _build_name() -> str:
     return f"chatglm_kernels_{digest.hexdigest()[:12]}"
 
 
-def _build() -> None:
-    """Compile (or load the cached build of) the extension; raises when that is impossible."""
+def toolchain_missing() -> str | None:
+    """What keeps the extension from being built here (disabled, no compiler, no ninja), or None."""
     if os.environ.get(DISABLE_ENV) == "1":
-        raise RuntimeError(f"{DISABLE_ENV}=1 is set")
+        return f"{DISABLE_ENV}=1 is set"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise RuntimeError("no C++ compiler (c++) on PATH")
+        return f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
     from torch.utils import cpp_extension
     if not cpp_extension.is_ninja_available():
-        raise RuntimeError("ninja is not installed (pip install ninja)")
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _build() -> None:
+    """Compile (or load the cached build of) the extension; raises when that is impossible."""
+    missing = toolchain_missing()
+    if missing:
+        raise RuntimeError(missing)
+    from torch.utils import cpp_extension
     name = _build_name()
     build_dir = os.environ.get("CHATGLM_EXT_DIR") or cpp_extension._get_build_directory(name, verbose=False)
     Path(build_dir).mkdir(parents=True, exist_ok=True)

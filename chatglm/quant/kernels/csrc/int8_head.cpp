@@ -125,9 +125,43 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   return y.to(x.scalar_type());
 }
 
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16(const uint16_t* p, __mmask16 keep) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
+}
+
+// One bfloat16 row quantized on AVX512: bf16 -> float is a 16-bit shift; 16 values per step.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float quantize_row_bf16_avx512(const at::BFloat16* src, int64_t k,
+                                                                                    int8_t* dst) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 keep = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    m = _mm512_max_ps(m, _mm512_abs_ps(load_bf16(bits + i, keep)));
+  }
+  const float amax = _mm512_reduce_max_ps(m);
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512 lim = _mm512_set1_ps(127.f);
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 keep = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __m512 v = _mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(load_bf16(bits + i, keep), inv), lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
+    _mm_mask_storeu_epi8(dst + i, keep, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  return amax;
+}
+
+template <typename T>
+float quantize_row_scalar(const T* src, int64_t k, int8_t* dst) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(static_cast<float>(src[i])));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t i = 0; i < k; ++i)
+    dst[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, round_even(static_cast<float>(src[i]) * inv))));
+  return amax;
+}
+
 // Per-row symmetric int8 quantization of a float weight [N, K] (the output layer): scale =
 // absmax / 127, codes in -127..127 (the int8 kernel moves signs onto the activations, so -128 is
-// never used). Returns (codes, float32 scale).
+// never used). Returns (codes, float32 scale). The weight must be finite.
 std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_floating_point() && weight.device().is_cpu(),
               "quantize_rows_int8: weight must be a floating-point [N, K] CPU tensor");
@@ -135,21 +169,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& weight) 
   const int64_t n = w.size(0), k = w.size(1);
   at::Tensor codes = at::empty({n, k}, w.options().dtype(at::kChar));
   at::Tensor scale = at::empty({n}, w.options().dtype(at::kFloat));
+  const bool avx512 = isa_supported(AVX512_VNNI);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "quantize_rows_int8", [&] {
     const scalar_t* src = w.data_ptr<scalar_t>();
     int8_t* dst = codes.data_ptr<int8_t>();
     float* sc = scale.data_ptr<float>();
     at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-      std::vector<float> row(k);
       for (int64_t r = r0; r < r1; ++r) {
-        float amax = 0.f;
-        for (int64_t i = 0; i < k; ++i) {
-          row[i] = static_cast<float>(src[r * k + i]);
-          amax = std::max(amax, std::fabs(row[i]));
+        float amax;
+        if (std::is_same_v<scalar_t, at::BFloat16>) {  // the cast below is taken only for bfloat16
+          amax = avx512 ? quantize_row_bf16_avx512(reinterpret_cast<const at::BFloat16*>(src + r * k), k, dst + r * k) : quantize_row_scalar(src + r * k, k, dst + r * k);
+        } else {
+          amax = quantize_row_scalar(src + r * k, k, dst + r * k);
         }
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int64_t i = 0; i < k; ++i)
-          dst[r * k + i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, round_even(row[i] * inv))));
         sc[r] = amax / 127.f;
       }
     });
