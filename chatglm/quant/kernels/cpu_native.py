@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -32,12 +33,21 @@ PREFILL_PATHS = ("bf16", "int8")
 FORCED_ISA: str | None = None
 """An ISA path name (see :data:`native.ISA_PATHS`) that every call takes; None: the best one here."""
 _prefill: dict[str, str] = {}
+_scratch = threading.local()  # per thread: {(k, dtype): buffer of PREFILL_BLOCK_ROWS rows}
+
+
+def _buffer(k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A block buffer kept between calls: a fresh multi-MiB tensor per layer call costs page faults."""
+    cache = _scratch.__dict__.setdefault("buffers", {})
+    if (k, dtype) not in cache:
+        cache[k, dtype] = torch.empty(PREFILL_BLOCK_ROWS, k, dtype=dtype)
+    return cache[k, dtype]
 
 
 def _blocks(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
     """``(r0, r1, rows r0:r1 unpacked)`` for each block of weight rows, in one reused buffer."""
     n, k = weight.shape[0], weight.shape[1] * 2
-    buf = torch.empty(min(n, PREFILL_BLOCK_ROWS), k, dtype=dtype)
+    buf = _buffer(k, dtype)
     for r0 in range(0, n, PREFILL_BLOCK_ROWS):
         r1 = min(n, r0 + PREFILL_BLOCK_ROWS)
         yield r0, r1, native.int4_unpack(weight, scale, r0, buf[: r1 - r0])
