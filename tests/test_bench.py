@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from chatglm.bench.randomckpt import bench_config, ensure_checkpoint
+from chatglm.quant.kernels import native
 from chatglm.weights.checkpoint import load_model
 from chatglm.config import ChatGLMConfig
 
@@ -34,13 +35,14 @@ def test_random_checkpoint_is_official_int4_cached_and_finite(tmp_path):
 def test_bench_runs_end_to_end_on_a_tiny_shape(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "chatglm.bench", "--shape", "tiny", "--cache-dir", str(tmp_path / "cache"),
-           "--prompts", "8,40", "--decode-tokens", "4", "--baseline-tokens", "1", "--json", str(out)]
+           "--prompts", "8,40", "--decode-tokens", "4", "--baseline-tokens", "1", "--torch-int4-tokens", "2",
+           "--batch-tokens", "2", "--json", str(out)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "decode, median of 4" in result.stdout and "targets:" in result.stdout
     r = json.loads(out.read_text())
     s = r["summary"]
-    assert s["backend"] == "cpu-int4" and s["decode_tokens_timed"] == 4
+    assert s["backend"] == ("cpu-native" if native.load() else "cpu-int4") and s["decode_tokens_timed"] == 4
     assert set(s["ttft_seconds"]) == {"8", "40"} and all(v > 0 for v in s["ttft_seconds"].values())
     for key in ("decode_ms_median", "floor_ms", "bandwidth_gb_per_s", "baseline_decode_ms_median", "setup_seconds",
                 "read_seconds", "peak_rss_bytes", "matmul_gflops", "dequantize_floor_ms"):
@@ -48,7 +50,15 @@ def test_bench_runs_end_to_end_on_a_tiny_shape(tmp_path):
     assert len(r["baseline"]["decode_step_seconds"]) == 1
     assert r["chatglm_cpp"]["status"]
     assert set(s["targets"]) >= {"decode_pct_of_floor", "decode_speedup_vs_baseline", "setup_over_read",
-                                 "peak_rss_over_weight_bytes", "prefill_pct_of_matmul_rate"}
+                                 "peak_rss_over_weight_bytes", "prefill_pct_of_matmul_rate", "decode_speedup_vs_torch_int4",
+                                 "decode_m4_over_m1", "setup_over_read_warm", "prefill_speedup_vs_torch_int4"}
+    assert set(s["batched_decode_ms"]) == {"1", "2", "4", "8"} and all(v > 0 for v in s["batched_decode_ms"].values())
+    assert len(r["torch_int4"]["decode_step_seconds"]) == 2 and s["torch_int4_decode_ms_median"] > 0
+    assert s["streaming"]["int4"]["gb_per_s"] > 0 and s["streaming"]["output_layer"]["gb_per_s"] > 0
+    assert len(s["decode_pct_of_floor_by_reading"]) == len(r["bandwidth_bytes_per_s"]) == 3
+    if native.load():
+        assert s["paths"]["isa"] in native.supported_isas() and s["paths"]["prefill_path"] in ("bf16", "int8")
+        assert "ISA path" in result.stdout and "decode step at M rows" in result.stdout
 
 
 def test_bench_rejects_bad_arguments():

@@ -18,7 +18,7 @@ import torch
 
 from ..weights.checkpoint import CheckpointError, find_weight_files
 from ..quant.dispatch import default_dtype
-from . import measure
+from . import kernels, measure
 from .randomckpt import SHAPES, ensure_checkpoint
 from .report import summarize, table
 
@@ -34,17 +34,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompts", default="32,512,2048", help="prompt lengths for time to first token")
     ap.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed (median reported)")
     ap.add_argument("--baseline-tokens", type=int, default=3, help="decode steps of the baseline (0: skip it)")
+    ap.add_argument("--torch-int4-tokens", type=int, default=32,
+                    help="decode steps of torch's int4 kernel path, today's CPU path (0: skip it)")
+    ap.add_argument("--batch-tokens", type=int, default=16, help="decode steps timed at each batch of M rows")
     ap.add_argument("--chatglm-cpp-model", help="a chatglm.cpp GGML file (q4_0) to time, if chatglm_cpp is installed")
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--worker", choices=("ours", "setup-warm", "baseline"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("ours", "setup-warm", "baseline", "torch-int4"), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
         args.prompt_lengths = [int(p) for p in args.prompts.split(",") if p.strip()]
     except ValueError:
         ap.error(f"--prompts must be comma-separated integers, got {args.prompts!r}")
-    if args.decode_tokens < 1 or args.baseline_tokens < 0 or any(p < 1 for p in args.prompt_lengths):
-        ap.error("--decode-tokens must be >= 1, --baseline-tokens >= 0 and every prompt length >= 1")
+    if (args.decode_tokens < 1 or args.baseline_tokens < 0 or args.torch_int4_tokens < 0 or args.batch_tokens < 1
+            or any(p < 1 for p in args.prompt_lengths)):
+        ap.error("--decode-tokens and --batch-tokens must be >= 1, --baseline-tokens and --torch-int4-tokens >= 0 "
+                 "and every prompt length >= 1")
     return args
 
 
@@ -72,7 +77,8 @@ def run_worker(args: argparse.Namespace) -> None:
         out["read_seconds_cold"], out["weight_file_bytes"] = measure.read_files_seconds(args.weights)
         out["read_seconds"], _ = measure.read_files_seconds(args.weights)
         measure.drop_page_cache(args.weights)
-    run = measure.ModelRun(args.weights, device, dtype, "auto" if args.worker == "ours" else "reference")
+    backend = {"ours": "auto", "baseline": "reference", "torch-int4": "cpu-int4"}[args.worker]
+    run = measure.ModelRun(args.weights, device, dtype, backend)
     out.update(backend=run.backend, setup_seconds=run.setup_seconds, rss_after_setup=run.rss_after_setup,
                decode_bytes_per_token=measure.decode_bytes_per_token(run.model),
                prefill_flops_per_token=measure.prefill_flops_per_token(run.model),
@@ -81,6 +87,17 @@ def run_worker(args: argparse.Namespace) -> None:
         run.time_to_first_token(8, 1)  # warm-up
         out["ttft_seconds"] = {str(n): run.time_to_first_token(n, 3 if n <= 64 else 1) for n in args.prompt_lengths}
         out["decode_step_seconds"] = run.decode_step_seconds(args.decode_tokens)
+        if device.type == "cpu":
+            out["paths"] = kernels.paths()
+            out["streaming"] = kernels.streaming_rates(run.model)
+            out["batched_decode_seconds"] = {str(m): kernels.batched_decode_seconds(run.model, m, args.batch_tokens)
+                                             for m in kernels.BATCH_ROWS}
+    elif args.worker == "torch-int4":
+        n = 512 if 512 in args.prompt_lengths else max(args.prompt_lengths)  # the prefill target's length
+        out["ttft_seconds"] = {str(n): run.time_to_first_token(n, 1)}
+        out["decode_step_seconds"] = run.decode_step_seconds(args.torch_int4_tokens)
+        out["streaming"] = kernels.streaming_rates(run.model)
+        out["batched_decode_seconds"] = {"4": kernels.batched_decode_seconds(run.model, 4, args.batch_tokens)}
     else:
         out["decode_step_seconds"] = run.decode_step_seconds(args.baseline_tokens, prompt_tokens=8)
     out["peak_rss"] = measure.peak_rss_bytes()
@@ -92,7 +109,8 @@ def spawn_worker(args: argparse.Namespace, kind: str, model_dir: Path) -> dict:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "chatglm.bench", "--worker", kind, "--worker-out", str(result),
                "--weights", str(model_dir), "--device", args.device, "--prompts", args.prompts,
-               "--decode-tokens", str(args.decode_tokens), "--baseline-tokens", str(args.baseline_tokens)]
+               "--decode-tokens", str(args.decode_tokens), "--baseline-tokens", str(args.baseline_tokens),
+               "--torch-int4-tokens", str(args.torch_int4_tokens), "--batch-tokens", str(args.batch_tokens)]
         proc = subprocess.run(cmd)
         if proc.returncode != 0 or not result.is_file():
             raise SystemExit(f"the {kind} benchmark process failed (exit {proc.returncode}); see its output above")
@@ -161,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     print("our model ...", flush=True)
     results["ours"] = spawn_worker(args, "ours", model_dir)
     results["ours"]["warm"] = spawn_worker(args, "setup-warm", model_dir)
+    if args.torch_int4_tokens and device.type == "cpu":
+        print("today's CPU path: torch's int4 kernel (cpu-int4) ...", flush=True)
+        bandwidth.append(measure.read_bandwidth(device))
+        results["torch_int4"] = spawn_worker(args, "torch-int4", model_dir)
     if args.baseline_tokens:
         print("baseline: dequantize the whole weight, then matmul ...", flush=True)
         results["baseline"] = spawn_worker(args, "baseline", model_dir)

@@ -10,7 +10,11 @@ TARGETS = {  # name: (threshold, higher is better)
     "decode_speedup_vs_baseline": (5.0, True),
     "decode_speedup_vs_chatglm_cpp": (1.5, True),
     "prefill_pct_of_matmul_rate": (50.0, True),
+    "decode_speedup_vs_torch_int4": (2.0, True),
+    "decode_m4_over_m1": (2.0, False),
+    "prefill_speedup_vs_torch_int4": (1.0, True),
     "setup_over_read": (1.2, False),
+    "setup_over_read_warm": (1.5, False),
     "peak_rss_over_weight_bytes": (1.3, False),
 }
 
@@ -60,6 +64,7 @@ def summarize(r: dict, dtype: torch.dtype) -> dict:
         ideal = (ours["decode_bytes_per_token"] + 4 * ours["int4_weights"]) / bandwidth
         s["dequantize_floor_ms"] = 1e3 * ideal
         s["decode_speedup_vs_dequantize_floor"] = ideal / decode
+    _native_figures(r, s, bandwidth)
     cpp = r.get("chatglm_cpp", {})
     if "decode_ms_median" in cpp:
         s["chatglm_cpp_decode_ms_median"] = cpp["decode_ms_median"]
@@ -68,6 +73,67 @@ def summarize(r: dict, dtype: torch.dtype) -> dict:
                            "met": s[name] >= limit if up else s[name] <= limit}
                     for name, (limit, up) in TARGETS.items() if name in s}
     return s
+
+
+def _native_figures(r: dict, s: dict, bandwidth: float) -> None:
+    """Figures of the CPU kernels: ISA path, streaming GB/s, batched decode, today's path beside ours."""
+    ours = r["ours"]
+    s["bandwidth_readings_gb_per_s"] = [b / 1e9 for b in r["bandwidth_bytes_per_s"]]
+    s["decode_pct_of_floor_by_reading"] = [100 * ours["decode_bytes_per_token"] / b / statistics.median(
+        ours["decode_step_seconds"]) for b in r["bandwidth_bytes_per_s"]]
+    if "paths" in ours:
+        s["paths"] = ours["paths"]
+    for key, src in (("streaming", ours), ("torch_int4_streaming", r.get("torch_int4", {}))):
+        if "streaming" in src:
+            s[key] = {k: dict(v, pct_of_bandwidth=100 * v["gb_per_s"] * 1e9 / bandwidth) for k, v in src["streaming"].items()}
+    batched = ours.get("batched_decode_seconds")
+    if batched:
+        s["batched_decode_ms"] = {m: 1e3 * statistics.median(t) for m, t in batched.items()}
+        if "1" in batched and "4" in batched:
+            s["decode_m4_over_m1"] = s["batched_decode_ms"]["4"] / s["batched_decode_ms"]["1"]
+    t4 = r.get("torch_int4")
+    if t4:
+        s["torch_int4_decode_ms_median"] = 1e3 * statistics.median(t4["decode_step_seconds"])
+        s["torch_int4_tokens_timed"] = len(t4["decode_step_seconds"])
+        s["torch_int4_setup_seconds"] = t4["setup_seconds"]
+        s["decode_speedup_vs_torch_int4"] = s["torch_int4_decode_ms_median"] / s["decode_ms_median"]
+        if "4" in t4.get("batched_decode_seconds", {}):
+            s["torch_int4_batched_decode_ms_m4"] = 1e3 * statistics.median(t4["batched_decode_seconds"]["4"])
+        (n, seconds), = t4["ttft_seconds"].items()
+        if n in ours["ttft_seconds"]:
+            s["prefill_tokens_compared"] = int(n)
+            s["torch_int4_ttft_seconds"] = seconds
+            s["prefill_speedup_vs_torch_int4"] = seconds / ours["ttft_seconds"][n]
+
+
+def _native_rows(r: dict, s: dict) -> list[tuple[str, str]]:
+    rows = []
+    if "paths" in s:
+        p = s["paths"]
+        rows.append(("C++ kernels", f"ISA path {p['isa']} (this CPU runs: {', '.join(p['supported_isas'])}); prefill "
+                     f"{p['prefill_path']} (" + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in p["prefill_rates_gflops"].items()) + ")"
+                     if p.get("native") else f"not built: {p.get('reason')}"))
+    rows.append(("bandwidth readings (decode % of each floor)", ", ".join(
+        f"{b:.1f} GB/s ({pct:.0f} %)" for b, pct in zip(s["bandwidth_readings_gb_per_s"], s["decode_pct_of_floor_by_reading"]))))
+    for key, who in (("streaming", "ours"), ("torch_int4_streaming", "torch int4")):
+        for part, v in s.get(key, {}).items():
+            rows.append((f"{who}: {part} weights, M = 1 ({v.get('kind', 'int4')})",
+                         f"{1e3 * v['seconds']:.1f} ms for {_gb(v['bytes'])} = {v['gb_per_s']:.1f} GB/s "
+                         f"({v['pct_of_bandwidth']:.0f} % of the bandwidth)"))
+    if "batched_decode_ms" in s:
+        rows.append(("decode step at M rows (batched)", ", ".join(
+            f"M={m}: {ms:.1f} ms" for m, ms in s["batched_decode_ms"].items()) +
+            (f" (M=4 / M=1 = {s['decode_m4_over_m1']:.2f})" if "decode_m4_over_m1" in s else "")))
+    if "torch_int4_decode_ms_median" in s:
+        rows.append((f"today's path (torch int4 kernel), decode median of {s['torch_int4_tokens_timed']}",
+                     f"{s['torch_int4_decode_ms_median']:.1f} ms/token (ours {s['decode_speedup_vs_torch_int4']:.2f}x faster)"
+                     + (f"; M=4 step {s['torch_int4_batched_decode_ms_m4']:.1f} ms" if "torch_int4_batched_decode_ms_m4" in s else "")))
+        rows.append(("today's path setup, page cache", f"{s['torch_int4_setup_seconds']:.2f} s"))
+    if "prefill_speedup_vs_torch_int4" in s:
+        n = s["prefill_tokens_compared"]
+        rows.append((f"today's path, time to first token, {n}-token prompt",
+                     f"{s['torch_int4_ttft_seconds']:.2f} s (ours {s['prefill_speedup_vs_torch_int4']:.2f}x faster)"))
+    return rows
 
 
 def _gb(n: float) -> str:
@@ -92,6 +158,7 @@ def table(r: dict) -> str:
     if "dequantize_floor_ms" in s:
         rows.append(("floor of any dequantize-then-matmul decode (2-byte floats)",
                      f"{s['dequantize_floor_ms']:.1f} ms/token (ours {s['decode_speedup_vs_dequantize_floor']:.1f}x faster)"))
+    rows += _native_rows(r, s)
     cpp = r.get("chatglm_cpp", {})
     rows.append(("chatglm.cpp decode", f"{cpp['decode_ms_median']:.1f} ms/token" if "decode_ms_median" in cpp
                  else cpp.get("status", "not measured")))

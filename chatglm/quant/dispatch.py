@@ -1,6 +1,8 @@
 """How an :class:`~chatglm.quant.linear.Int4Linear` computes: the int4 backends.
 
-``cpu-int4`` (torch's CPU int4 kernel for decode, an int8 GEMM for prefill; bfloat16 models on CPU),
+``cpu-native`` (our C++ kernels on the official bytes, nothing repacked: q4 x q8 GEMV for up to 8
+rows, an unpack + oneDNN GEMM for prefill, and an int8 output layer; bfloat16 / float16 models on
+CPU, where the extension builds), ``cpu-int4`` (torch's CPU int4 kernel for decode, an int8 GEMM for prefill; bfloat16 models on CPU),
 ``cuda-int4pack`` (torch's tinygemm kernel for decode on CUDA GPUs of capability 8.0+, bfloat16),
 ``triton`` (fused dequantize-and-multiply on any CUDA GPU) and ``reference`` (dequantize the whole
 weight to the activation dtype, then ``F.linear``: plain torch, exact, always works; float32 models
@@ -74,6 +76,24 @@ class CpuInt4(Backend):
         return cpu_int4.matmul(x, w)
 
 
+class CpuNative(Backend):
+    name = "cpu-native"
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        from .kernels import native
+        if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+            return "needs a bfloat16 or float16 model on CPU"
+        return native.unavailable_reason()
+
+    def prepare(self, layer: Int4Linear) -> None:
+        if not (layer.weight.is_contiguous() and layer.weight_scale.is_contiguous()):
+            layer.weight, layer.weight_scale = layer.weight.contiguous(), layer.weight_scale.contiguous()
+
+    def matmul(self, layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import cpu_native
+        return cpu_native.matmul(x, layer.weight, layer.weight_scale)
+
+
 class Triton(Backend):
     name = "triton"
 
@@ -121,12 +141,12 @@ class CudaInt4Pack(Backend):
         return cuda_int4pack.matmul(x, w)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Backend(), CpuInt4(), Triton(), CudaInt4Pack())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Backend(), CpuNative(), CpuInt4(), Triton(), CudaInt4Pack())}
 """Every backend by name. A new backend registers itself here and in :data:`PREFERENCE`."""
 
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda-int4pack", "triton", "reference"),
-    "cpu": ("cpu-int4", "reference"),
+    "cpu": ("cpu-native", "cpu-int4", "reference"),
 }
 """Backends to try, fastest first, per device type; ``reference`` ends every list."""
 
@@ -195,7 +215,8 @@ class RowLinear(nn.Module):
 def prepare_model(model: nn.Module, backend: str) -> str:
     """Prepare every Int4Linear of ``model`` for ``backend`` (a name, see :mod:`chatglm.quant.selfcheck`
     for choosing one) and return it; ``none`` for a model without int4 layers. On CPU the output
-    layer becomes a :class:`RowLinear` (same weight) whose decode GEMV is faster."""
+    layer becomes a :class:`RowLinear` (same weight) whose decode GEMV is faster, or with
+    ``cpu-native`` on an AVX512-VNNI CPU an int8 copy of it (:mod:`chatglm.quant.kernels.cpu_head`)."""
     layers = int4_layers(model)
     if not layers:
         return "none"
@@ -203,5 +224,7 @@ def prepare_model(model: nn.Module, backend: str) -> str:
         prepare_layer(layer, backend)
     head = model.transformer.output_layer if hasattr(model, "transformer") else None
     if backend.startswith("cpu") and isinstance(head, nn.Linear) and head.bias is None:
-        model.transformer.output_layer = RowLinear(head.weight)
+        from .kernels import cpu_head
+        int8 = backend == "cpu-native" and cpu_head.usable()
+        model.transformer.output_layer = cpu_head.Int8Head(head.weight) if int8 else RowLinear(head.weight)
     return backend

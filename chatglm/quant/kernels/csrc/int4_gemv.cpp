@@ -1,0 +1,303 @@
+// Int4 GEMV/GEMM for M = 1..8 activation rows, straight from the official ChatGLM int4 layout:
+// weight int8 [N, K/2], byte j of a row holding the signed code of column 2j in its high nibble and
+// of column 2j+1 in its low nibble; one fp16 scale per row. The weights are read once for all rows.
+//
+// Each activation row is split into two int8 terms, x ~= s * (a + b / 254) with one scale s per row
+// (about 16 bits relative to the row's largest value, finer than bfloat16), stored per block of 128
+// columns de-interleaved (the 64 even columns, then the 64 odd ones) so that the high and low nibbles
+// of one 64-byte weight chunk meet their activations without shuffles. A nibble n is read as
+// u = n ^ 8 = code + 8 (unsigned, for u8 x s8 dot products); the 8 is taken off once per row with
+// the sums of a and b. Products accumulate exactly in int32 over the whole row.
+//
+// One build runs everywhere: each ISA path has its own target attribute and is chosen at run time
+// (`best_isa`), or forced by the caller (tests force every path the CPU can run).
+#include "common.h"
+
+namespace chatglm_kernels {
+namespace {
+
+constexpr float SPLIT = 254.f;        // b is the remainder of a in units of 1 / SPLIT
+constexpr int64_t MAX_K = 1 << 20;    // keeps |sum u * a| < 2^31
+
+struct RowSplit {
+  int64_t m = 0, kpad = 0;           // kpad: K rounded up to whole blocks
+  std::vector<int8_t> q;             // [m][2][kpad]: term a, then term b, per block even then odd columns
+  std::vector<float> s;              // [m]
+  std::vector<int32_t> sum_a, sum_b; // [m]
+};
+
+void split_block_scalar(const float* x, int64_t len, float inv, int8_t* qa, int8_t* qb, int32_t& sa, int32_t& sb) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float u = x[i] * inv, a = round_even(u);
+    const float b = std::max(-127.f, std::min(127.f, round_even((u - a) * SPLIT)));
+    const int64_t pos = (i & 1) * CHUNK + (i >> 1);
+    qa[pos] = static_cast<int8_t>(a);
+    qb[pos] = static_cast<int8_t>(b);
+    sa += qa[pos];
+    sb += qb[pos];
+  }
+}
+
+// A whole block on AVX512: even and odd columns separated by two permutes per 32 values, rounded by
+// the conversions (nearest-even), narrowed with saturation.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void split_block_avx512(const float* x, float inv, int8_t* qa,
+                                                                             int8_t* qb, int32_t& sa, int32_t& sb) {
+  const __m512 vinv = _mm512_set1_ps(inv), split = _mm512_set1_ps(SPLIT);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  __m512i suma = _mm512_setzero_si512(), sumb = _mm512_setzero_si512();
+  for (int64_t j = 0; j < QBLOCK / 32; ++j) {
+    const __m512 v0 = _mm512_mul_ps(_mm512_loadu_ps(x + 32 * j), vinv);
+    const __m512 v1 = _mm512_mul_ps(_mm512_loadu_ps(x + 32 * j + 16), vinv);
+    const __m512 parts[2] = {_mm512_permutex2var_ps(v0, even, v1), _mm512_permutex2var_ps(v0, odd, v1)};
+    for (int h = 0; h < 2; ++h) {
+      const __m512i a = _mm512_cvtps_epi32(parts[h]);
+      const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(parts[h], _mm512_cvtepi32_ps(a)), split));
+      suma = _mm512_add_epi32(suma, a);
+      sumb = _mm512_add_epi32(sumb, b);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qa + h * CHUNK + 16 * j), _mm512_cvtsepi32_epi8(a));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + h * CHUNK + 16 * j), _mm512_cvtsepi32_epi8(b));
+    }
+  }
+  sa += _mm512_reduce_add_epi32(suma);
+  sb += _mm512_reduce_add_epi32(sumb);
+}
+
+RowSplit split_rows(const at::Tensor& x32, bool avx512) {
+  RowSplit a;
+  a.m = x32.size(0);
+  const int64_t k = x32.size(1);
+  a.kpad = (k + QBLOCK - 1) / QBLOCK * QBLOCK;
+  a.q.assign(a.m * 2 * a.kpad, 0);
+  a.s.assign(a.m, 0.f);
+  a.sum_a.assign(a.m, 0);
+  a.sum_b.assign(a.m, 0);
+  const float* x = x32.data_ptr<float>();
+  for (int64_t r = 0; r < a.m; ++r) {
+    const float* xr = x + r * k;
+    const float amax = avx512 ? block_amax_avx512(xr, k) : amax_scalar(xr, k);
+    // An all-zero row gets scale 0; one holding inf or NaN scale NaN, so that its outputs are NaN
+    // as with any float matmul (never silently finite).
+    a.s[r] = amax / 127.f;
+    const float inv = amax > 0.f && std::isfinite(amax) ? 127.f / amax : 0.f;
+    int8_t* qa = a.q.data() + 2 * r * a.kpad;
+    int8_t* qb = qa + a.kpad;
+    for (int64_t b = 0; b < k; b += QBLOCK) {
+      const int64_t len = std::min(QBLOCK, k - b);
+      if (avx512 && len == QBLOCK) split_block_avx512(xr + b, inv, qa + b, qb + b, a.sum_a[r], a.sum_b[r]);
+      else split_block_scalar(xr + b, len, inv, qa + b, qb + b, a.sum_a[r], a.sum_b[r]);
+    }
+  }
+  return a;
+}
+
+struct Int4Args {
+  const uint8_t* w; int64_t row_bytes; const at::Half* scale; const RowSplit* a; float* y; int64_t n_total;
+};
+
+inline float finish(const Int4Args& p, int64_t n, int r, int64_t dot_a, int64_t dot_b) {
+  const RowSplit& a = *p.a;
+  const float ta = static_cast<float>(dot_a - 8 * static_cast<int64_t>(a.sum_a[r]));
+  const float tb = static_cast<float>(dot_b - 8 * static_cast<int64_t>(a.sum_b[r]));
+  return static_cast<float>(p.scale[n]) * a.s[r] * (ta + tb / SPLIT);
+}
+
+// A row's last, partial chunk is copied into a zeroed buffer (its padding meets zero activations).
+inline const uint8_t* chunk_ptr(const uint8_t* row, int64_t b, int64_t row_bytes, uint8_t* tail) {
+  const int64_t off = b * CHUNK;
+  if (off + CHUNK <= row_bytes) return row + off;
+  std::memset(tail, 0, CHUNK);
+  std::memcpy(tail, row + off, row_bytes - off);
+  return tail;
+}
+
+template <int M>
+void int4_scalar(const Int4Args& p, int64_t n0, int64_t n1) {
+  const RowSplit& a = *p.a;
+  const int64_t nblk = a.kpad / QBLOCK;
+  uint8_t tail[CHUNK];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.w + n * p.row_bytes;
+    int64_t dot[2][M] = {};
+    for (int64_t b = 0; b < nblk; ++b) {
+      const uint8_t* c = chunk_ptr(row, b, p.row_bytes, tail);
+      for (int r = 0; r < M; ++r)
+        for (int t = 0; t < 2; ++t) {
+          const int8_t* q = a.q.data() + (2 * r + t) * a.kpad + b * QBLOCK;
+          int32_t d = 0;
+          for (int64_t j = 0; j < CHUNK; ++j) d += ((c[j] ^ 0x88) >> 4) * q[j] + ((c[j] ^ 0x88) & 15) * q[CHUNK + j];
+          dot[t][r] += d;
+        }
+    }
+    for (int r = 0; r < M; ++r) p.y[r * p.n_total + n] = finish(p, n, r, dot[0][r], dot[1][r]);
+  }
+}
+
+// The AVX2 body twice: with maddubs (AVX2 + FMA) and with AVX-VNNI dot products. Separate
+// functions, so the compiler never places VNNI instructions in the plain AVX2 path.
+#define CHATGLM_AVX2_NAME int4_avx2
+#define CHATGLM_AVX2_TARGET "avx2,fma"
+#define CHATGLM_AVX2_VNNI 0
+#include "int4_avx2.inc"
+#define CHATGLM_AVX2_NAME int4_avxvnni
+#define CHATGLM_AVX2_TARGET "avx2,fma,avxvnni"
+#define CHATGLM_AVX2_VNNI 1
+#include "int4_avx2.inc"
+
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void int4_chunk_avx512(
+    const uint8_t* c, const int8_t* q, int64_t kpad, __m512i* acc_a, __m512i* acc_b) {
+  const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(c), _mm512_set1_epi8(static_cast<char>(0x88)));
+  const __m512i m0f = _mm512_set1_epi8(0x0f);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(u, 4), m0f), lo = _mm512_and_si512(u, m0f);
+  for (int r = 0; r < M; ++r) {
+    const int8_t* qa = q + 2 * r * kpad;
+    const int8_t* qb = qa + kpad;
+    acc_a[r] = _mm512_dpbusd_epi32(acc_a[r], hi, _mm512_loadu_si512(qa));
+    acc_b[r] = _mm512_dpbusd_epi32(acc_b[r], hi, _mm512_loadu_si512(qb));
+    acc_a[r] = _mm512_dpbusd_epi32(acc_a[r], lo, _mm512_loadu_si512(qa + CHUNK));
+    acc_b[r] = _mm512_dpbusd_epi32(acc_b[r], lo, _mm512_loadu_si512(qb + CHUNK));
+  }
+}
+
+// U accumulator sets (for few rows) break the dependency chains of the dot products; the software
+// prefetch runs PREFETCH bytes ahead, across the 4 KiB pages where the hardware prefetcher stops.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_avx512(const Int4Args& p, int64_t n0,
+                                                                                 int64_t n1) {
+  constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  const RowSplit& a = *p.a;
+  const int64_t kpad = a.kpad, nblk = kpad / QBLOCK, full = p.row_bytes / CHUNK;
+  const int8_t* q = a.q.data();
+  alignas(64) uint8_t tail[CHUNK];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.w + n * p.row_bytes;
+    __m512i acc_a[U][M], acc_b[U][M];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < M; ++r) acc_a[u][r] = acc_b[u][r] = _mm512_setzero_si512();
+    int64_t b = 0;
+    for (; b + U <= full; b += U)
+      for (int u = 0; u < U; ++u) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + (b + u) * CHUNK + PREFETCH), _MM_HINT_T0);
+        int4_chunk_avx512<M>(row + (b + u) * CHUNK, q + (b + u) * QBLOCK, kpad, acc_a[u], acc_b[u]);
+      }
+    for (; b < nblk; ++b)
+      int4_chunk_avx512<M>(chunk_ptr(row, b, p.row_bytes, tail), q + b * QBLOCK, kpad, acc_a[0], acc_b[0]);
+    for (int r = 0; r < M; ++r) {
+      for (int u = 1; u < U; ++u) {
+        acc_a[0][r] = _mm512_add_epi32(acc_a[0][r], acc_a[u][r]);
+        acc_b[0][r] = _mm512_add_epi32(acc_b[0][r], acc_b[u][r]);
+      }
+      p.y[r * p.n_total + n] =
+          finish(p, n, r, _mm512_reduce_add_epi32(acc_a[0][r]), _mm512_reduce_add_epi32(acc_b[0][r]));
+    }
+  }
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t isa) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.device().is_cpu(),
+              "int4 kernel: weight must be a contiguous int8 [N, K/2] CPU tensor");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == weight.size(0) && scale.scalar_type() == at::kHalf &&
+                  scale.is_contiguous(), "int4 kernel: scale must be a contiguous fp16 [N] tensor");
+  const int64_t n = weight.size(0), k = weight.size(1) * 2;
+  TORCH_CHECK(k <= MAX_K, "int4 kernel: K must be at most ", MAX_K, ", got ", k);
+  const at::Tensor x32 = check_input(x, k);
+  const int64_t path = checked_isa(isa);
+  const RowSplit a = split_rows(x32, path == AVX512_VNNI);
+  at::Tensor y = at::empty({a.m, n}, x32.options());
+  const Int4Args args{reinterpret_cast<const uint8_t*>(weight.data_ptr<int8_t>()), k / 2, scale.data_ptr<at::Half>(),
+                      &a, y.data_ptr<float>(), n};
+  if (path == AVX512_VNNI) {
+    CHATGLM_BY_ROWS(a.m, int4_avx512)
+  } else if (path == AVX_VNNI) {
+    CHATGLM_BY_ROWS(a.m, int4_avxvnni)
+  } else if (path == AVX2) {
+    CHATGLM_BY_ROWS(a.m, int4_avx2)
+  } else {
+    CHATGLM_BY_ROWS(a.m, int4_scalar)
+  }
+  return y.to(x.scalar_type());
+}
+
+// One row dequantized to bfloat16 on AVX512 (16 bytes -> 32 values per step), rounded to nearest
+// even like at::BFloat16; the scalar tail handles K/2 not a multiple of 16.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512i to_bf16_bits(__m512 f) {
+  const __m512i b = _mm512_castps_si512(f);  // finite values: round to nearest even, keep the high half
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dequant_row_bf16_avx512(const int8_t* src, int64_t half,
+                                                                                  float s, at::BFloat16* dst) {
+  const __m512 vs = _mm512_set1_ps(s);
+  int64_t j = 0;
+  for (; j + 16 <= half; j += 16) {
+    const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+    const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 4)), vs);
+    const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28)), vs);
+    const __m512i pair = _mm512_or_si512(to_bf16_bits(hi), _mm512_slli_epi32(to_bf16_bits(lo), 16));
+    _mm512_storeu_si512(dst + 2 * j, pair);
+  }
+  for (; j < half; ++j) {
+    dst[2 * j] = static_cast<at::BFloat16>(static_cast<float>(src[j] >> 4) * s);
+    dst[2 * j + 1] = static_cast<at::BFloat16>(static_cast<float>(static_cast<int8_t>(src[j] << 4) >> 4) * s);
+  }
+}
+
+// Rows [r0, r0 + out.size(0)) of the official weight into `out` [rows, K]: int8 codes, or
+// dequantized (code * scale) in bfloat16 / float32. The caller reuses `out` between calls: a fresh
+// multi-MiB tensor per call would cost more in page faults than the unpacking itself.
+at::Tensor& int4_unpack(const at::Tensor& weight, const at::Tensor& scale, int64_t r0, at::Tensor& out) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+              "int4_unpack: weight must be a contiguous int8 [N, K/2] tensor");
+  const int64_t half = weight.size(1), r1 = r0 + out.size(0);
+  const at::ScalarType dtype = out.scalar_type();
+  TORCH_CHECK(out.dim() == 2 && out.size(1) == 2 * half && out.is_contiguous(), "int4_unpack: out must be a contiguous [rows, ", 2 * half, "] tensor");
+  TORCH_CHECK(0 <= r0 && r1 <= weight.size(0), "int4_unpack: rows ", r0, "..", r1, " are outside the weight's ", weight.size(0));
+  TORCH_CHECK(dtype == at::kChar || dtype == at::kBFloat16 || dtype == at::kFloat, "int4_unpack: out must be int8, bfloat16 or float32");
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const at::Half* sc = scale.data_ptr<at::Half>();
+  const bool avx512 = isa_supported(AVX512_VNNI);
+  at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const int8_t* src = w + r * half;
+      if (dtype == at::kChar) {
+        int8_t* dst = out.data_ptr<int8_t>() + (r - r0) * 2 * half;
+        for (int64_t j = 0; j < half; ++j) {
+          dst[2 * j] = static_cast<int8_t>(src[j] >> 4);
+          dst[2 * j + 1] = static_cast<int8_t>(static_cast<int8_t>(src[j] << 4) >> 4);
+        }
+      } else {
+        const float s = static_cast<float>(sc[r]);
+        auto fill = [&](auto* dst) {
+          using T = std::remove_pointer_t<decltype(dst)>;
+          for (int64_t j = 0; j < half; ++j) {
+            dst[2 * j] = static_cast<T>(static_cast<float>(src[j] >> 4) * s);
+            dst[2 * j + 1] = static_cast<T>(static_cast<float>(static_cast<int8_t>(src[j] << 4) >> 4) * s);
+          }
+        };
+        if (dtype == at::kBFloat16 && avx512) dequant_row_bf16_avx512(src, half, s, out.data_ptr<at::BFloat16>() + (r - r0) * 2 * half);
+        else if (dtype == at::kBFloat16) fill(out.data_ptr<at::BFloat16>() + (r - r0) * 2 * half);
+        else fill(out.data_ptr<float>() + (r - r0) * 2 * half);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace chatglm_kernels
+
+TORCH_LIBRARY(chatglm, m) {
+  m.def("int4_gemv(Tensor x, Tensor weight, Tensor scale, int isa=-1) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor weight, Tensor scale, int isa=-1) -> Tensor");
+  m.def("int4_unpack(Tensor weight, Tensor scale, int r0, Tensor(a!) out) -> Tensor(a!)");
+  m.def("quantize_rows_int8(Tensor weight) -> (Tensor, Tensor)");
+  m.def("isa_supported(int isa) -> bool", &chatglm_kernels::isa_supported);
+  m.def("best_isa() -> int", &chatglm_kernels::best_isa);
+}
+
+TORCH_LIBRARY_IMPL(chatglm, CPU, m) {
+  m.impl("int4_gemv", chatglm_kernels::int4_gemv);
+  m.impl("int4_unpack", chatglm_kernels::int4_unpack);
+}

@@ -1,0 +1,198 @@
+// The int8 output layer: GEMV/GEMM for M = 1..8 rows over int8 [N, K] weights with float32 row
+// scales; activations quantized to int8 per block of QBLOCK values (one float scale per block).
+#include "common.h"
+
+namespace chatglm_kernels {
+namespace {
+
+// Activations of M rows quantized per block of QBLOCK columns.
+struct QAct {
+  int64_t m = 0, nblk = 0;
+  std::vector<int8_t> q;     // [m][nblk][QBLOCK], zero-padded past K
+  std::vector<float> s;      // [m][nblk]
+};
+
+// Portable quantization of one block of `len` values into `qb` (zeroed).
+void quantize_block_scalar(const float* xb, int64_t len, float inv, int8_t* qb) {
+  for (int64_t i = 0; i < len; ++i) qb[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, round_even(xb[i] * inv))));
+}
+
+// A whole block (QBLOCK values) on AVX512: rounded by the conversion (nearest-even), narrowed with saturation.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_block_avx512(const float* xb, float inv, int8_t* qb) {
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int64_t j = 0; j < QBLOCK; j += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + j),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + j), vinv))));
+}
+
+QAct quantize(const at::Tensor& x32, bool avx512) {
+  QAct a;
+  a.m = x32.size(0);
+  const int64_t k = x32.size(1);
+  a.nblk = (k + QBLOCK - 1) / QBLOCK;
+  a.q.assign(a.m * a.nblk * QBLOCK, 0);
+  a.s.assign(a.m * a.nblk, 0.f);
+  const float* x = x32.data_ptr<float>();
+  for (int64_t r = 0; r < a.m; ++r) {
+    for (int64_t b = 0; b < a.nblk; ++b) {
+      const float* xb = x + r * k + b * QBLOCK;
+      const int64_t len = std::min(QBLOCK, k - b * QBLOCK);
+      const float amax = avx512 ? block_amax_avx512(xb, len) : amax_scalar(xb, len);
+      // An all-zero block gets scale 0; one holding inf or NaN gets scale NaN, so that the outputs
+      // are NaN as with any float matmul (never silently finite).
+      const float s = amax / 127.f, inv = amax > 0.f && std::isfinite(amax) ? 127.f / amax : 0.f;
+      int8_t* qb = a.q.data() + (r * a.nblk + b) * QBLOCK;
+      if (avx512 && len == QBLOCK) quantize_block_avx512(xb, inv, qb);
+      else quantize_block_scalar(xb, len, inv, qb);
+      a.s[r * a.nblk + b] = s;
+    }
+  }
+  return a;
+}
+
+// ---- int8 rows (the output layer): y[r][n] = scale[n] * sum_b s_b * dot(w_b, q_b) ----
+
+struct Int8Args {
+  const int8_t* w; int64_t k; const float* scale; const QAct* a; float* y; int64_t n_total;
+};
+
+template <int M>
+void int8_scalar(const Int8Args& p, int64_t n0, int64_t n1) {
+  const QAct& a = *p.a;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = p.w + n * p.k;
+    float acc[M] = {};
+    for (int64_t b = 0; b < a.nblk; ++b) {
+      const int64_t len = std::min(QBLOCK, p.k - b * QBLOCK);
+      for (int r = 0; r < M; ++r) {
+        const int8_t* q = a.q.data() + (r * a.nblk + b) * QBLOCK;
+        int32_t dot = 0;
+        for (int64_t j = 0; j < len; ++j) dot += row[b * QBLOCK + j] * q[j];
+        acc[r] += a.s[r * a.nblk + b] * static_cast<float>(dot);
+      }
+    }
+    for (int r = 0; r < M; ++r) p.y[r * p.n_total + n] = p.scale[n] * acc[r];
+  }
+}
+
+// w * q as u8 x s8: |w| times q with w's sign moved onto q (weights are clamped to -127..127).
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int8_avx512(const Int8Args& p, int64_t n0,
+                                                                                 int64_t n1) {
+  const QAct& a = *p.a;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = p.w + n * p.k;
+    __m512 acc[M];
+    for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a.nblk; ++b) {
+      const int64_t len = std::min(QBLOCK, p.k - b * QBLOCK);
+      __m512i dot[M];
+      for (int r = 0; r < M; ++r) dot[r] = zero;
+      for (int64_t h = 0; h < len; h += 64) {
+        const __mmask64 keep = len - h >= 64 ? ~0ULL : (1ULL << (len - h)) - 1;
+        const __m512i w = _mm512_maskz_loadu_epi8(keep, row + b * QBLOCK + h);
+        const __mmask64 neg = _mm512_movepi8_mask(w);
+        const __m512i aw = _mm512_abs_epi8(w);
+        for (int r = 0; r < M; ++r) {
+          const __m512i q = _mm512_loadu_si512(a.q.data() + (r * a.nblk + b) * QBLOCK + h);
+          dot[r] = _mm512_dpbusd_epi32(dot[r], aw, _mm512_mask_sub_epi8(q, neg, zero, q));
+        }
+      }
+      for (int r = 0; r < M; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(a.s[r * a.nblk + b]), acc[r]);
+    }
+    for (int r = 0; r < M; ++r) p.y[r * p.n_total + n] = p.scale[n] * _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t isa) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.device().is_cpu(),
+              "int8 kernel: weight must be a contiguous int8 [N, K] CPU tensor");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == weight.size(0) && scale.scalar_type() == at::kFloat &&
+                  scale.is_contiguous(), "int8 kernel: scale must be a contiguous float32 [N] tensor");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const at::Tensor x32 = check_input(x, k);
+  const int64_t path = checked_isa(isa) == AVX512_VNNI ? AVX512_VNNI : SCALAR;
+  const QAct a = quantize(x32, path == AVX512_VNNI);
+  at::Tensor y = at::empty({a.m, n}, x32.options());
+  const Int8Args args{weight.data_ptr<int8_t>(), k, scale.data_ptr<float>(), &a, y.data_ptr<float>(), n};
+  if (path == AVX512_VNNI) {
+    CHATGLM_BY_ROWS(a.m, int8_avx512)
+  } else {
+    CHATGLM_BY_ROWS(a.m, int8_scalar)
+  }
+  return y.to(x.scalar_type());
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16(const uint16_t* p, __mmask16 keep) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
+}
+
+// One bfloat16 row quantized on AVX512: bf16 -> float is a 16-bit shift; 16 values per step.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float quantize_row_bf16_avx512(const at::BFloat16* src, int64_t k,
+                                                                                    int8_t* dst) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 keep = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    m = _mm512_max_ps(m, _mm512_abs_ps(load_bf16(bits + i, keep)));
+  }
+  const float amax = _mm512_reduce_max_ps(m);
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512 lim = _mm512_set1_ps(127.f);
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 keep = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __m512 v = _mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(load_bf16(bits + i, keep), inv), lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
+    _mm_mask_storeu_epi8(dst + i, keep, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  return amax;
+}
+
+template <typename T>
+float quantize_row_scalar(const T* src, int64_t k, int8_t* dst) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(static_cast<float>(src[i])));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t i = 0; i < k; ++i)
+    dst[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, round_even(static_cast<float>(src[i]) * inv))));
+  return amax;
+}
+
+// Per-row symmetric int8 quantization of a float weight [N, K] (the output layer): scale =
+// absmax / 127, codes in -127..127 (the int8 kernel moves signs onto the activations, so -128 is
+// never used). Returns (codes, float32 scale). The weight must be finite.
+std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_floating_point() && weight.device().is_cpu(),
+              "quantize_rows_int8: weight must be a floating-point [N, K] CPU tensor");
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1);
+  at::Tensor codes = at::empty({n, k}, w.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({n}, w.options().dtype(at::kFloat));
+  const bool avx512 = isa_supported(AVX512_VNNI);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "quantize_rows_int8", [&] {
+    const scalar_t* src = w.data_ptr<scalar_t>();
+    int8_t* dst = codes.data_ptr<int8_t>();
+    float* sc = scale.data_ptr<float>();
+    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float amax;
+        if (std::is_same_v<scalar_t, at::BFloat16>) {  // the cast below is taken only for bfloat16
+          amax = avx512 ? quantize_row_bf16_avx512(reinterpret_cast<const at::BFloat16*>(src + r * k), k, dst + r * k) : quantize_row_scalar(src + r * k, k, dst + r * k);
+        } else {
+          amax = quantize_row_scalar(src + r * k, k, dst + r * k);
+        }
+        sc[r] = amax / 127.f;
+      }
+    });
+  });
+  return {codes, scale};
+}
+
+}  // namespace
+}  // namespace chatglm_kernels
+
+TORCH_LIBRARY_IMPL(chatglm, CPU, m) {
+  m.impl("int8_gemv", chatglm_kernels::int8_gemv);
+  m.impl("quantize_rows_int8", chatglm_kernels::quantize_rows_int8);
+}
