@@ -96,6 +96,7 @@ def test_the_wheel_builds_with_the_package_and_prompts(tmp_path):
     wheel = next(tmp_path.glob("*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "chatglm/serving/pipeline.py" in names and "prompts/chatglm3.py" in names
+    assert "chatglm/quant/kernels/csrc/int4_gemv.cpp" in names, "the C++ sources ship with the package"
     assert not [n for n in names if n.startswith(("tests/", "weights/"))]
 
 
