@@ -61,11 +61,13 @@ def batched_decode_seconds(model: torch.nn.Module, rows: int, steps: int, prompt
     dtype = model.transformer.embedding.word_embeddings.weight.dtype
     cache = KVCache(cfg, rows, prompt_tokens + steps + 1, "cpu", dtype)
     try:
-        nxt = model(ids, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        pos = torch.arange(prompt_tokens).expand(rows, prompt_tokens)
+        nxt = model(ids, pos, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         times = []
-        for _ in range(steps):
+        for i in range(steps):
             t0 = time.perf_counter()
-            nxt = model(nxt, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            step_pos = torch.full((rows, 1), prompt_tokens + i)
+            nxt = model(nxt, step_pos, cache, last_only=True, span=prompt_tokens + i + 1)[:, -1].argmax(-1, keepdim=True)
             times.append(time.perf_counter() - t0)
         return times
     finally:
