@@ -36,6 +36,7 @@ SCHEMA_PATH = ROOT / ".cog" / "openapi_schema.json"
 # coglet wraps the message of an exception raised by predict() in this (the exception's class name
 # in the group); cog 0.16.12's "error" is the message itself.
 COGLET_FAILURE = re.compile(r"Prediction failed: Generator iteration error: (\w+): ")
+COGLET_SLOT_RELEASE_S = 1.0  # measured: at most ~60 ms between coglet's answer and its free slot
 # What each runtime answers a prediction request while another one runs.
 BUSY = {"cog": {"detail": "Already running a prediction"},
         "coglet": {"error": "At capacity - all prediction slots busy", "status": "failed"}}
@@ -114,6 +115,7 @@ class CogServer:
                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         self.http = local_session()
+        self.busy_retries = 0
 
     def error_message(self, body: dict[str, Any]) -> str:
         """The message of a failed prediction's exception, without coglet's wrapping."""
@@ -195,8 +197,18 @@ class CogServer:
         return self.http.put(f"{self.url}{path}", json=body, headers=headers, timeout=HTTP_TIMEOUT)
 
     def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """A synchronous prediction; returns the response JSON (HTTP 200 expected)."""
-        response = self.post("/predictions", {"input": inputs})
+        """A synchronous prediction; returns the response JSON (HTTP 200 expected).
+
+        coglet frees its prediction slot a few milliseconds after it has answered, so a request sent
+        right after the previous answer may get its 409 (at capacity): that one is retried for up
+        to COGLET_SLOT_RELEASE_S (counted in ``busy_retries``)."""
+        deadline = time.monotonic() + COGLET_SLOT_RELEASE_S
+        while True:
+            response = self.post("/predictions", {"input": inputs})
+            if response.status_code != 409 or self.runtime != "coglet" or time.monotonic() > deadline:
+                break
+            self.busy_retries += 1
+            time.sleep(0.01)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -251,10 +263,19 @@ class WebhookReceiver:
                                        f"{[e.get('status') for e in events]}")
                 self._cond.wait(min(left, 0.5))
 
-    def wait_terminal(self, prediction_id: str, timeout: float = 60.0) -> list[dict[str, Any]]:
-        return self.wait_for(prediction_id, lambda ev: any(e.get("status") in TERMINAL for e in ev), timeout)
+    def wait_terminal(self, prediction_id: str, timeout: float = 60.0, settle: float = 0.5) -> list[dict[str, Any]]:
+        """The events of ``prediction_id`` once its terminal event has come, and ``settle`` seconds
+        more: coglet posts webhooks concurrently, so an output event may arrive after it."""
+        self.wait_for(prediction_id, lambda ev: any(e.get("status") in TERMINAL for e in ev), timeout)
+        time.sleep(settle)
+        return self.for_id(prediction_id)
 
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+
+
+def final_event(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The terminal event (succeeded, failed or canceled) among a prediction's webhook events."""
+    return next(e for e in events if e.get("status") in TERMINAL)
