@@ -290,3 +290,19 @@ def test_chat_command_input_error_exits_2(chatglm2_dir: Path) -> None:
                             encoding="utf-8", timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 2
     assert "messages" in result.stderr and "JSON" in result.stderr
+
+
+def test_download_without_network_is_two_lines_naming_the_hub(tmp_path: Path) -> None:
+    """No Hub reachable (here: a closed port on 127.0.0.1): a short message, not a traceback."""
+    from tests.cogserver import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    env = _clean_env(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    result = subprocess.run([sys.executable, "-m", "chatglm.download", INT4_REPO, "--out", str(tmp_path / "w")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith(f"error: cannot reach the Hugging Face Hub at {endpoint} to download {INT4_REPO}")
+    assert "Check the network connection" in lines[1] and "by hand" in lines[1]
+    assert "Traceback" not in result.stderr
