@@ -110,3 +110,4 @@ def test_static_inputs_match_the_runtime_schema() -> None:
         assert props[name].get("default") == args.get("default"), name
         assert props[name].get("minimum") == args.get("ge"), name
         assert props[name].get("maximum") == args.get("le"), name
+
