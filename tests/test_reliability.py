@@ -650,8 +650,18 @@ def test_seed_bounds_over_http(server: CogServer, seed: int, status: int) -> Non
     ({"prompt": "hi", "tools": "[]"}, ["tools", "ChatGLM3"]),
     ({"prompt": "hi", "stop_sequences": "[1]"}, ["stop_sequences"]),
     ({"prompt": LONG_CJK}, ["tokens but the context holds 32768"]),
+    ({"messages": "[" * 5000 + "]" * 5000}, ["messages: nested more than 64"]),
+    ({"messages": '[{"role": "user", "content": "hi", "metadata": ' + "[" * 5000 + "]" * 5000 + "}]"},
+     ["messages: nested more than 64"]),
+    ({"messages": '[{"role": ["user"], "content": "hi"}]'}, ["messages[0]: role must be a string, got list"]),
+    ({"system_prompt": "x", "messages": '[{"role": "user", "content": null}]'},
+     ["messages[0]: content must be a string, got NoneType"]),
+    ({"prompt": "hi", "stop_sequences": ",".join(f"s{i}" for i in range(1_000_000))},
+     ["stop_sequences: 1000000 stop sequences given; at most 32"]),
+    ({"prompt": "hi", "stop_sequences": "x" * 2_000_000}, ["stop_sequences: stop sequence 0 is 2000000 characters"]),
 ], ids=["empty", "blank", "messages-json", "messages-object", "role", "content", "tools", "stop",
-        "too-long"])
+        "too-long", "deep-messages", "deep-metadata", "role-list", "system-prompt-null-content",
+        "million-stops", "megabyte-stop"])
 def test_bad_inputs_over_http_are_failed_predictions_with_a_message(server: CogServer, inputs: dict[str, Any],
                                                                     words: list[str]) -> None:
     body = server.predict({**inputs, "max_tokens": 4})
