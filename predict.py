@@ -12,7 +12,7 @@ from typing import Any, Optional
 from cog import BasePredictor, ConcatenateIterator, Input, current_scope
 
 from chatglm import GenerationStats, Pipeline
-from chatglm.serving.inputs import build_request, integer_input
+from chatglm.serving.inputs import build_request, integer_input, number_input
 
 try:
     from cog import CancelationException  # cog >= 0.17 (coglet)
@@ -76,6 +76,8 @@ class Predictor(BasePredictor):
         try:
             max_tokens, top_k, seed = (integer_input(name, value) for name, value in
                                        (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed)))
+            temperature, top_p, repetition_penalty = (number_input(name, value) for name, value in (
+                ("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)))
             request = build_request(self.pipe, prompt, system_prompt, messages, tools, stop_sequences)
             for warning in request.warnings:
                 print(f"warning: {warning}")

@@ -139,3 +139,14 @@ def test_a_failed_prediction_logs_its_cause(predictor2: Any, capsys: pytest.Capt
     assert "stop: failed (InputError: prompt: is empty" in out and "cancelled" not in out
     predict_text(predictor2, prompt="hi", max_tokens=2)
     assert "stop: max_tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,value,words", [
+    ("prompt", 5, "prompt: must be a string, got int"), ("messages", ["x"], "messages: must be a string, got list"),
+    ("temperature", "hot", "temperature: must be a number, got 'hot'"),
+    ("top_p", None, "top_p: must be a number, got None"), ("repetition_penalty", True, "repetition_penalty: must be a number"),
+])
+def test_inputs_of_the_wrong_type_without_a_schema(predictor2: Any, name: str, value: Any, words: str) -> None:
+    """A runtime that does not check the schema (coglet without .cog/openapi_schema.json) passes any
+    JSON value on: predict() refuses it naming the input, instead of failing inside the engine."""
+    assert _error(predictor2, **{"prompt": "hi", name: value}).startswith(words)

@@ -61,8 +61,8 @@ def check_json_depth(name: str, text: str) -> None:
     for match in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
         depth += 1 if match.group() in "[{" else -1
         if depth > MAX_JSON_DEPTH:
-            raise InputError(f"{name}: nested more than {MAX_JSON_DEPTH} lists or objects deep (at "
-                             f"character {match.start()} without its strings); flatten the structure")
+            raise InputError(f"{name}: nested more than {MAX_JSON_DEPTH} lists or objects deep; "
+                             "flatten the structure")
 
 
 def integer_input(name: str, value: Any) -> Any:
@@ -73,7 +73,17 @@ def integer_input(name: str, value: Any) -> Any:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    raise InputError(f"{name}: must be an integer, got {value!r}")
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    raise InputError(f"{name}: must be an integer, got {shown}")
+
+
+def number_input(name: str, value: Any) -> float:
+    """A number input as a float; InputError for anything else (a runtime without the input schema,
+    such as coglet without .cog/openapi_schema.json, passes inputs on unchecked)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    raise InputError(f"{name}: must be a number, got {shown}")
 
 
 def _find_surrogate(value: Any, path: str) -> tuple[str, int, str] | None:
@@ -127,6 +137,8 @@ def build_request(pipe, prompt: str, system_prompt: str = "", messages: str = ""
     chatglm3 = pipe.format_name == "chatglm3"
     for name, text in (("prompt", prompt), ("system_prompt", system_prompt), ("messages", messages),
                        ("tools", tools), ("stop_sequences", stop_sequences)):
+        if not isinstance(text, str):
+            raise InputError(f"{name}: must be a string, got {type(text).__name__}")
         check_unicode(name, text)
     source = "messages" if messages.strip() else "prompt"
     if messages.strip():
