@@ -311,12 +311,13 @@ def _push_seconds(stops: list[str], pieces: list[str]) -> float:
 def test_push_cost_does_not_grow_with_the_stop_sequences() -> None:
     """The largest allowed set of worst-case stops (long runs of the streamed character, each ending
     differently, so every position is a possible start) costs about what one short stop does per
-    pushed token; a matcher that checks every stop on every push is ~1000x slower here."""
+    pushed token. (The matcher that checked every stop on every push took 15x as long here as with
+    one stop: 241 vs 15.5 ms for these 20000 pushes.)"""
     from chatglm.text.stops import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 
-    pieces = ["aa"] * 3000
+    pieces = ["aa"] * 20000
     worst = ["a" * (MAX_STOP_CHARS - 1) + chr(0x4E00 + i) for i in range(MAX_STOP_SEQUENCES)]
     small, large = _push_seconds(["zz"], pieces), _push_seconds(worst, pieces)
-    print(f"\n3000 pushes: {small * 1e3:.1f} ms with one 2-char stop, {large * 1e3:.1f} ms with "
+    print(f"\n20000 pushes: {small * 1e3:.1f} ms with one 2-char stop, {large * 1e3:.1f} ms with "
           f"{MAX_STOP_SEQUENCES} stops of {MAX_STOP_CHARS} chars ({large / small:.1f}x)")
-    assert large < 8 * small + 0.05
+    assert large < 4 * small + 0.01
