@@ -1,6 +1,10 @@
-"""Cog predictor: inputs in, streamed text out. All model work lives in the chatglm package."""
-from __future__ import annotations
+"""Cog predictor: inputs in, streamed text out. All model work lives in the chatglm package.
 
+Every ``Input(...)`` argument is a literal (numbers as numbers, each description one plain string):
+today's ``cog build`` reads this file as text to write the input schema that its runtime validates
+against, and drops anything else (tests/test_static_schema.py keeps it so). No ``from __future__
+import annotations``: cog 0.16 reads the annotations as objects, not strings.
+"""
 import os
 import time
 from typing import Any, Optional
@@ -8,10 +12,14 @@ from typing import Any, Optional
 from cog import BasePredictor, ConcatenateIterator, Input, current_scope
 
 from chatglm import GenerationStats, Pipeline
-from chatglm.serving.inputs import build_request
+from chatglm.serving.inputs import build_request, integer_input, number_input
+
+try:
+    from cog import CancelationException  # cog >= 0.17 (coglet)
+except ImportError:
+    from cog.server.exceptions import CancelationException  # cog 0.16
 
 DEFAULT_WEIGHTS = "weights"
-MAX_SEED = 2**32 - 1
 
 
 class Predictor(BasePredictor):
@@ -29,43 +37,61 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        prompt: str = Input(description="A user message, or a complete raw prompt in the model's own format "
-                            "('[Round 1]\\n\\n问：…\\n\\n答：' for ChatGLM2, '<|user|>' markers for ChatGLM3), "
-                            "used as-is.", default=""),
-        system_prompt: str = Input(description="System message (ChatGLM3). ChatGLM2 has no system role: "
-                                   "the text is put before the first user message.", default=""),
-        messages: str = Input(description="JSON list of {role, content} (roles system, user, assistant, "
-                              "observation; optional metadata): a whole conversation; replaces prompt.",
-                              default=""),
-        tools: str = Input(description="JSON list of tool definitions (ChatGLM3). A tool call comes back "
-                           "as one JSON chunk {\"tool_call\": {\"name\", \"arguments\"}}.", default=""),
+        prompt: str = Input(
+            description="A user message, or a complete raw prompt in the model's own format, used as-is: ChatGLM2 rounds starting with [Round 1], or ChatGLM3 role markers such as <|user|>.",
+            default=""),
+        system_prompt: str = Input(
+            description="System message (ChatGLM3). ChatGLM2 has no system role: the text is put before the first user message.",
+            default=""),
+        messages: str = Input(
+            description="A whole conversation as a JSON list of objects with role (system, user, assistant or observation), content and optional metadata; replaces prompt.",
+            default=""),
+        tools: str = Input(
+            description='JSON list of tool definitions (ChatGLM3). A tool call comes back as one JSON chunk {"tool_call": {"name": ..., "arguments": {...}}}.',
+            default=""),
         max_tokens: int = Input(description="Maximum number of new tokens.", default=2048, ge=1, le=32768),
-        temperature: float = Input(description="Sampling temperature; 0 (or below 1e-5) means greedy.", default=0.8,
-                                   ge=0.0, le=2.0),
-        top_p: float = Input(description="Nucleus sampling: keep the most likely tokens up to this "
-                             "probability mass.", default=0.8, ge=0.0, le=1.0),
-        top_k: int = Input(description="Keep only the k most likely tokens; 0 turns it off.", default=50,
-                           ge=0, le=65024),
-        repetition_penalty: float = Input(description="Penalty for tokens already present; 1 turns it "
-                                          "off.", default=1.0, ge=0.01, le=10.0),
-        stop_sequences: str = Input(description="Comma-separated texts that end the answer (not "
-                                    "included); or a JSON list of strings for texts with commas.", default=""),
-        seed: Optional[int] = Input(description="Random seed; the same seed and inputs give the same "
-                                    "output. Random when empty (the seed used is logged).", default=None,
-                                    ge=0, le=MAX_SEED),
+        temperature: float = Input(description="Sampling temperature; 0 (or below 1e-5) means greedy.",
+                                   default=0.8, ge=0.0, le=2.0),
+        top_p: float = Input(
+            description="Nucleus sampling: keep the most likely tokens up to this probability mass.",
+            default=0.8, ge=0.0, le=1.0),
+        top_k: int = Input(description="Keep only the k most likely tokens; 0 turns it off.",
+                           default=50, ge=0, le=65024),
+        repetition_penalty: float = Input(description="Penalty for tokens already present; 1 turns it off.",
+                                          default=1.0, ge=0.01, le=10.0),
+        stop_sequences: str = Input(
+            description="Comma-separated texts that end the answer (not included), or a JSON list of strings for texts with commas; at most 32, each at most 500 characters.",
+            default=""),
+        seed: Optional[int] = Input(
+            description="Random seed; the same seed and inputs give the same output. Random when empty (the seed used is logged).",
+            default=None, ge=0, le=4294967295),
     ) -> ConcatenateIterator[str]:
         prompt, system_prompt, messages, tools, stop_sequences = (
             _given(v) for v in (prompt, system_prompt, messages, tools, stop_sequences))
         max_tokens, temperature, top_p, top_k, repetition_penalty, seed = (
             _given(v) for v in (max_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-        request = build_request(self.pipe, prompt, system_prompt, messages, tools, stop_sequences)
         stats = GenerationStats()
-        chunks = self.pipe.stream(request.messages, max_new_tokens=max_tokens, temperature=temperature,
-                                  top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                                  stop_sequences=request.stop_sequences, stats=stats)
+        outcome = "cancelled"
+        chunks = None
         try:
+            max_tokens, top_k, seed = (integer_input(name, value) for name, value in
+                                       (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed)))
+            temperature, top_p, repetition_penalty = (number_input(name, value) for name, value in (
+                ("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)))
+            request = build_request(self.pipe, prompt, system_prompt, messages, tools, stop_sequences)
+            for warning in request.warnings:
+                print(f"warning: {warning}")
+            chunks = self.pipe.stream(request.messages, max_new_tokens=max_tokens, temperature=temperature,
+                                      top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                                      seed=seed, stop_sequences=request.stop_sequences, stats=stats)
             for chunk in chunks:
                 yield chunk
+            outcome = stats.stop_reason
+        except CancelationException:
+            raise
+        except Exception as exc:
+            outcome = f"failed ({type(exc).__name__}: {exc})"
+            raise
         finally:
             # A cancelled or failed prediction ends here; closing the stream now stops generation and
             # frees the KV cache at once instead of whenever the abandoned generator is collected.
@@ -73,7 +99,7 @@ class Predictor(BasePredictor):
             if close is not None:
                 close()
             print(f"seed: {stats.seed}; {stats.input_tokens} input tokens, {stats.output_tokens} output "
-                  f"tokens, stop: {stats.stop_reason or 'cancelled'}")
+                  f"tokens, stop: {outcome}")
             _record_metrics(stats)
 
 

@@ -6,6 +6,7 @@ import os
 import sys
 
 from .serving.inputs import InputError, build_request
+from .weights.checkpoint import CheckpointError
 from .serving.pipeline import GenerationStats, Pipeline
 
 
@@ -28,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", default=None, help="override detection: chatglm2, chatglm3, chatglm3-32k")
     args = ap.parse_args(argv)
 
-    pipe = Pipeline.from_pretrained(args.weights, device=args.device, quantize=4, family=args.family)
+    try:
+        pipe = Pipeline.from_pretrained(args.weights, device=args.device, quantize=4, family=args.family)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        # A model directory the user got wrong: its message names the file and the key.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         request = build_request(pipe, args.prompt, args.system_prompt, args.messages, args.tools, args.stop_sequences)
         stats = GenerationStats()

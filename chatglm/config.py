@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,48 @@ _REQUIRED_FLAGS: dict[str, Any] = {
 }
 
 
+# The type and range each numeric key must have (checked before anything is built from it).
+_POSITIVE_INTS = ("hidden_size", "num_layers", "ffn_hidden_size", "kv_channels", "num_attention_heads",
+                  "multi_query_group_num", "padded_vocab_size", "seq_length")
+_NON_NEGATIVE_INTS = ("eos_token_id", "pad_token_id", "quantization_bit")
+_POSITIVE_FLOATS = ("layernorm_epsilon", "rope_ratio")
+_STRINGS = ("torch_dtype", "model_type", "_name_or_path")
+
+
 class UnsupportedConfigError(ValueError):
     """The config.json describes a model this implementation does not run."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_value_types(raw: dict[str, Any], source: str) -> None:
+    """UnsupportedConfigError naming the file and every key whose value has the wrong type or range
+    (a string for a size, 2.5 layers, 0 key-value groups, a negative or NaN rope_ratio...).
+    ``null`` stands for the default where the official files use it (rope_ratio, quantization_bit)."""
+    problems = []
+    for key in _POSITIVE_INTS:
+        if key in raw and not (_is_int(raw[key]) and raw[key] > 0):
+            problems.append(f"{key} must be a positive integer, got {raw[key]!r}")
+    for key in _NON_NEGATIVE_INTS:
+        value = raw.get(key)
+        if key == "eos_token_id" and isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
+            continue
+        if value is not None and not (_is_int(value) and value >= 0):
+            problems.append(f"{key} must be a non-negative integer, got {value!r}")
+    for key in _POSITIVE_FLOATS:
+        value = raw.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value > 0):
+            problems.append(f"{key} must be a positive finite number, got {value!r}")
+    if "add_qkv_bias" in raw and not isinstance(raw["add_qkv_bias"], bool):
+        problems.append(f"add_qkv_bias must be true or false, got {raw['add_qkv_bias']!r}")
+    for key in _STRINGS:
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            problems.append(f"{key} must be a string, got {raw[key]!r}")
+    if problems:
+        raise UnsupportedConfigError(f"{source}: " + "; ".join(problems))
 
 
 @dataclass
@@ -70,6 +111,7 @@ class ChatGLMConfig:
                     if key in raw and raw[key] != want]
         if problems:
             raise UnsupportedConfigError(f"{source}: " + "; ".join(problems))
+        check_value_types(raw, source)
         known = {f.name for f in fields(cls)} - {"extra", "name_or_path"}
         kwargs = {k: v for k, v in raw.items() if k in known}
         kwargs["rope_ratio"] = float(raw.get("rope_ratio") or 1.0)

@@ -52,10 +52,14 @@ def check_messages(messages: Any, roles: Sequence[str],
         if "role" not in msg:
             raise ValueError(f"{where}: 'role' is missing; use one of {', '.join(roles)}")
         role = msg["role"]
+        if not isinstance(role, str):
+            raise ValueError(f"{where}: role must be a string, got {type(role).__name__}; use one of "
+                             f"{', '.join(roles)}")
         if role in role_errors:
             raise ValueError(f"{where}: {role_errors[role]}")
         if role not in roles:
-            raise ValueError(f"{where}: role {role!r} is not one of {', '.join(roles)}")
+            shown = repr(role) if len(role) <= 40 else repr(role[:40]) + "..."
+            raise ValueError(f"{where}: role {shown} is not one of {', '.join(roles)}")
         if "content" not in msg:
             raise ValueError(f"{where}: 'content' is missing; every message needs a string content "
                              "(use \"\" for an empty one)")

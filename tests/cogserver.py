@@ -1,9 +1,18 @@
-"""Runs the real Cog HTTP server (``python -m cog.server.http``) on 127.0.0.1 for tests, and a small
-webhook receiver that collects what the server posts."""
+"""Runs the real Cog HTTP servers on 127.0.0.1 for tests, and a small webhook receiver that collects
+what a server posts.
+
+Two runtimes: ``cog`` is cog 0.16.12's Python server (``python -m cog.server.http`` in the main
+environment; it reads cog.yaml), ``coglet`` the Rust server that today's ``cog build`` ships (cog and
+coglet 0.23.1 in ``.venv-coglet``, made by the README's setup command and by .ci/run). coglet does
+not read cog.yaml and validates inputs only against ``.cog/openapi_schema.json``, which ``cog build``
+writes; here that file is the schema cog 0.16.12 builds for the same predict.py
+(``python -m cog.command.openapi_schema``), written before each coglet server starts."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +29,49 @@ from tests.predict_helpers import PROXY_VARS
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = ("succeeded", "failed", "canceled")
 HTTP_TIMEOUT = 60.0
+RUNTIMES = ("cog", "coglet")
+COGLET_VENV = ROOT / ".venv-coglet"
+COGLET_PYTHON = COGLET_VENV / "bin" / "python"
+SCHEMA_PATH = ROOT / ".cog" / "openapi_schema.json"
+# coglet wraps the message of an exception raised by predict() in this (the exception's class name
+# in the group); cog 0.16.12's "error" is the message itself.
+COGLET_FAILURE = re.compile(r"Prediction failed: Generator iteration error: (\w+): ")
+COGLET_SLOT_RELEASE_S = 1.0  # measured: at most ~60 ms between coglet's answer and its free slot
+# What each runtime answers a prediction request while another one runs.
+BUSY = {"cog": {"detail": "Already running a prediction"},
+        "coglet": {"error": "At capacity - all prediction slots busy", "status": "failed"}}
+
+
+def skip_without_coglet() -> None:
+    """Skip the calling test when .venv-coglet is absent (a bare clone); in CI it must be there."""
+    import pytest
+
+    if COGLET_PYTHON.is_file():
+        return
+    reason = (f"{COGLET_PYTHON} not found: the coglet runtime is installed by the README's setup command "
+              "(pip install -r requirements-coglet.txt into .venv-coglet)")
+    if os.environ.get("CI"):
+        pytest.fail(reason + "; CI must install it (.ci/run)")
+    pytest.skip(reason)
+
+
+@functools.lru_cache(maxsize=1)
+def build_schema() -> dict[str, Any]:
+    """The OpenAPI schema cog 0.16.12 builds for predict.py (what `cog build` would write)."""
+    done = subprocess.run([sys.executable, "-m", "cog.command.openapi_schema"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={k: v for k, v in os.environ.items() if k not in PROXY_VARS})
+    if done.returncode != 0:
+        raise RuntimeError(f"cog.command.openapi_schema failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout)
+
+
+def write_schema() -> Path:
+    """Write .cog/openapi_schema.json (git-ignored) for coglet; unchanged content is not rewritten."""
+    text = json.dumps(build_schema(), indent=2) + "\n"
+    SCHEMA_PATH.parent.mkdir(exist_ok=True)
+    if not SCHEMA_PATH.is_file() or SCHEMA_PATH.read_text(encoding="utf-8") != text:
+        SCHEMA_PATH.write_text(text, encoding="utf-8")
+    return SCHEMA_PATH
 
 
 def free_port() -> int:
@@ -36,21 +88,68 @@ def local_session() -> requests.Session:
 
 
 class CogServer:
-    """``python -m cog.server.http --host 127.0.0.1`` in the repository root, serving ``model_dir``."""
+    """The ``runtime`` server (see the module docstring) on 127.0.0.1 in the repository root, serving
+    ``model_dir``."""
 
-    def __init__(self, model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None):
+    def __init__(self, model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None,
+                 runtime: str = "cog"):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        self.runtime = runtime
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
         env.update({"PORT": str(self.port), "CHATGLM_WEIGHTS": str(model_dir), "PYTHONUNBUFFERED": "1"})
         env.pop("CHATGLM_FAMILY", None)
+        python = sys.executable
+        if runtime == "coglet":
+            write_schema()
+            python = str(COGLET_PYTHON)
+            # coglet starts its worker with the `python` on PATH: it must be the coglet environment's.
+            env.update({"COG_PREDICT_TYPE_STUB": "predict.py:Predictor", "VIRTUAL_ENV": str(COGLET_VENV),
+                        "PATH": f"{COGLET_VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"})
         env.update(extra_env or {})
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+        self.proc = subprocess.Popen([python, "-m", "cog.server.http", "--host", "127.0.0.1"],
                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         self.http = local_session()
+        self.busy_retries = 0
+
+    def error_message(self, body: dict[str, Any]) -> str:
+        """The message of a failed prediction's exception, without coglet's wrapping."""
+        error = body["error"]
+        if self.runtime == "coglet":
+            match = COGLET_FAILURE.match(error)
+            assert match, f"coglet failure not in its documented form: {error!r}"
+            return error[match.end():]
+        return error
+
+    def prediction_log(self, body: dict[str, Any]) -> str:
+        """What the service printed during the prediction ``body``: its ``logs`` (cog 0.16.12), or the
+        server log's lines for its id (coglet, whose response leaves out what a failed prediction
+        printed and logs JSON lines)."""
+        if self.runtime == "cog":
+            return body.get("logs") or ""
+        deadline = time.monotonic() + 5
+        while True:
+            lines = []
+            for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    fields = json.loads(line).get("fields", {})
+                except ValueError:
+                    continue
+                if fields.get("prediction_id") == body["id"] and fields.get("source") == "Stdout":
+                    lines.append(fields.get("message", ""))
+            if lines or time.monotonic() > deadline:
+                return "\n".join(lines)
+            time.sleep(0.1)
+
+    @property
+    def busy_answer(self) -> dict[str, Any]:
+        """The body of this runtime's 409 (another prediction is running)."""
+        return BUSY[self.runtime]
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
@@ -98,8 +197,18 @@ class CogServer:
         return self.http.put(f"{self.url}{path}", json=body, headers=headers, timeout=HTTP_TIMEOUT)
 
     def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """A synchronous prediction; returns the response JSON (HTTP 200 expected)."""
-        response = self.post("/predictions", {"input": inputs})
+        """A synchronous prediction; returns the response JSON (HTTP 200 expected).
+
+        coglet frees its prediction slot a few milliseconds after it has answered, so a request sent
+        right after the previous answer may get its 409 (at capacity): that one is retried for up
+        to COGLET_SLOT_RELEASE_S (counted in ``busy_retries``)."""
+        deadline = time.monotonic() + COGLET_SLOT_RELEASE_S
+        while True:
+            response = self.post("/predictions", {"input": inputs})
+            if response.status_code != 409 or self.runtime != "coglet" or time.monotonic() > deadline:
+                break
+            self.busy_retries += 1
+            time.sleep(0.01)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -154,10 +263,19 @@ class WebhookReceiver:
                                        f"{[e.get('status') for e in events]}")
                 self._cond.wait(min(left, 0.5))
 
-    def wait_terminal(self, prediction_id: str, timeout: float = 60.0) -> list[dict[str, Any]]:
-        return self.wait_for(prediction_id, lambda ev: any(e.get("status") in TERMINAL for e in ev), timeout)
+    def wait_terminal(self, prediction_id: str, timeout: float = 60.0, settle: float = 0.5) -> list[dict[str, Any]]:
+        """The events of ``prediction_id`` once its terminal event has come, and ``settle`` seconds
+        more: coglet posts webhooks concurrently, so an output event may arrive after it."""
+        self.wait_for(prediction_id, lambda ev: any(e.get("status") in TERMINAL for e in ev), timeout)
+        time.sleep(settle)
+        return self.for_id(prediction_id)
 
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+
+
+def final_event(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The terminal event (succeeded, failed or canceled) among a prediction's webhook events."""
+    return next(e for e in events if e.get("status") in TERMINAL)

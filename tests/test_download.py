@@ -290,3 +290,34 @@ def test_chat_command_input_error_exits_2(chatglm2_dir: Path) -> None:
                             encoding="utf-8", timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 2
     assert "messages" in result.stderr and "JSON" in result.stderr
+
+
+def test_download_without_network_is_two_lines_naming_the_hub(tmp_path: Path) -> None:
+    """No Hub reachable (here: a closed port on 127.0.0.1): a short message, not a traceback."""
+    from tests.cogserver import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    env = _clean_env(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
+    result = subprocess.run([sys.executable, "-m", "chatglm.download", INT4_REPO, "--out", str(tmp_path / "w")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith(f"error: cannot reach the Hugging Face Hub at {endpoint} to download {INT4_REPO}")
+    assert "Check the network connection" in lines[1] and "by hand" in lines[1]
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_command_setup_error_is_one_message(chatglm2_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    for f in chatglm2_dir.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    config["num_layers"] = 2.5
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "chatglm", "--weights", str(model), "hi"], cwd=ROOT,
+                            env=_clean_env(), capture_output=True, text=True, encoding="utf-8",
+                            timeout=SUBPROCESS_TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {model / 'config.json'}: num_layers must be a positive integer, got 2.5"

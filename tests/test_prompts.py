@@ -180,6 +180,9 @@ ASSISTANT = {"role": "assistant", "content": "hello"}
     ("chatglm2", [ASSISTANT, USER], r"messages\[0\]: role 'assistant' out of order"),
     ("chatglm2", [USER, ASSISTANT], r"messages\[1\]: the conversation must end with a user message"),
     ("chatglm2", [{"role": "user", "content": "x", "metadata": "m"}], r"messages\[0\]: metadata is not supported"),
+    ("chatglm2", [{"role": ["user"], "content": "x"}], r"messages\[0\]: role must be a string, got list"),
+    ("chatglm3", [{"role": {"a": 1}, "content": "x"}], r"messages\[0\]: role must be a string, got dict"),
+    ("chatglm3", [{"role": "x" * 10000, "content": "x"}], r"messages\[0\]: role 'x{40}'\.\.\. is not one of"),
 ])
 def test_validation_errors(family: str, messages: object, match: str) -> None:
     fmt = prompts.get_format(family)

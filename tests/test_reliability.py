@@ -1,6 +1,6 @@
 """Reliability of the service: input edge cases, cancellation, overload, broken weights and long
-contexts, in-process (``Predictor``) and against the real Cog HTTP server (cog 0.16's
-``python -m cog.server.http``) on the tiny fixture models."""
+contexts, in-process (``Predictor``) and against the real Cog HTTP servers (cog 0.16.12 and coglet
+0.23.1, see tests/cogserver.py) on the tiny fixture models."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,8 @@ import torch
 from chatglm.serving import generation as generate
 from chatglm.model.cache import cache_usage
 from chatglm.serving.inputs import InputError, build_request, parse_stop_sequences
-from tests.cogserver import CogServer, WebhookReceiver, local_session
+from tests.cogserver import (RUNTIMES, CogServer, WebhookReceiver, final_event, local_session,
+                             skip_without_coglet)
 from tests.predict_helpers import make_predictor, predict_chunks, predict_defaults, predict_text
 from tests.reliability_helpers import count_forward, process_tree, rss_kib, short_context_copy
 from tests.tiny import random_state, tiny_config, write_model
@@ -467,12 +468,15 @@ def test_setup_fails_naming_the_file_or_key(tmp_path: Path, tokenizer_model: Pat
     assert not (tmp_path / "pwned").exists()
 
 
-def test_server_with_broken_weights_reports_setup_failed_and_exits(tmp_path: Path, tokenizer_model: Path) -> None:
-    """cog 0.16.12 on a failing setup(): /health-check says SETUP_FAILED (with the message in its
-    setup logs) for a moment, then the server exits with status 255 and the message in its output.
-    It never reports READY, and the pickled code is never run."""
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_server_with_broken_weights_reports_setup_failed(tmp_path: Path, tokenizer_model: Path, runtime: str) -> None:
+    """A failing setup(): /health-check says SETUP_FAILED with the message in its setup logs, and the
+    server never reports READY; the pickled code is never run. cog 0.16.12 then exits with status
+    255; coglet stays up answering SETUP_FAILED (a prediction gets a failed answer)."""
+    if runtime == "coglet":
+        skip_without_coglet()
     model_dir = _pickle_with_code(tmp_path, tokenizer_model)
-    server = CogServer(model_dir, tmp_path / "server.log")
+    server = CogServer(model_dir, tmp_path / "server.log", runtime=runtime)
     statuses: list[dict[str, Any]] = []
     try:
         deadline = time.monotonic() + 120
@@ -481,8 +485,17 @@ def test_server_with_broken_weights_reports_setup_failed_and_exits(tmp_path: Pat
                 statuses.append(server.http.get(f"{server.url}/health-check", timeout=5).json())
             except (OSError, ValueError):
                 pass
+            if runtime == "coglet" and statuses and statuses[-1].get("status") == "SETUP_FAILED":
+                break
             time.sleep(0.02)
-        assert server.proc.poll() == 255, f"server still running or exited otherwise:\n{server.log_tail()}"
+        if runtime == "cog":
+            assert server.proc.poll() == 255, f"server still running or exited otherwise:\n{server.log_tail()}"
+        else:
+            assert server.proc.poll() is None and statuses[-1]["status"] == "SETUP_FAILED", server.log_tail()
+            time.sleep(1)
+            assert server.get("/health-check").json()["status"] == "SETUP_FAILED"
+            answer = server.post("/predictions", {"input": GREEDY})
+            assert answer.status_code >= 400 or answer.json()["status"] == "failed", answer.text
     finally:
         server.stop()
     log = server.log_path.read_text(encoding="utf-8", errors="replace")
@@ -498,10 +511,13 @@ def test_server_with_broken_weights_reports_setup_failed_and_exits(tmp_path: Pat
 
 # --- the real server: cancel, overload, memory, bad input over HTTP ---------------------------------
 
-@pytest.fixture(scope="module")
-def server(chatglm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    srv = CogServer(chatglm2_dir, tmp_path_factory.mktemp("cog-reliability") / "server.log",
-                    extra_env={"COG_THROTTLE_RESPONSE_INTERVAL": "0.05"})
+@pytest.fixture(scope="module", params=RUNTIMES)
+def server(request: pytest.FixtureRequest, chatglm2_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    if request.param == "coglet":
+        skip_without_coglet()
+    srv = CogServer(chatglm2_dir, tmp_path_factory.mktemp(f"{request.param}-reliability") / "server.log",
+                    extra_env={"COG_THROTTLE_RESPONSE_INTERVAL": "0.05"}, runtime=request.param)
     try:
         srv.wait_ready(timeout=120)
         yield srv
@@ -531,7 +547,7 @@ def test_cancel_over_http_stops_promptly(server: CogServer, webhooks: WebhookRec
     seen = max(len(e.get("output") or []) for e in events)
     started = time.monotonic()
     assert server.post(f"/predictions/{prediction_id}/cancel", None).status_code == 200
-    final = webhooks.wait_terminal(prediction_id, timeout=60)[-1]
+    final = final_event(webhooks.wait_terminal(prediction_id, timeout=60))
     latency = time.monotonic() - started
     assert final["status"] == "canceled"
     match = re.search(r"(\d+) input tokens, (\d+) output tokens, stop: cancelled", final["logs"])
@@ -554,10 +570,10 @@ def test_busy_server_answers_409_and_the_running_prediction_is_unaffected(server
     prediction_id = _start_async(server, webhooks, inputs)
     webhooks.wait_for(prediction_id, lambda ev: any(e.get("output") for e in ev), 60)
     busy = server.post("/predictions", {"input": GREEDY})
-    assert busy.status_code == 409 and busy.json() == {"detail": "Already running a prediction"}
+    assert busy.status_code == 409 and busy.json() == server.busy_answer
     busy_put = server.put(f"/predictions/other-{uuid.uuid4().hex[:8]}", {"input": GREEDY})
     assert busy_put.status_code == 409
-    final = webhooks.wait_terminal(prediction_id, timeout=120)[-1]
+    final = final_event(webhooks.wait_terminal(prediction_id, timeout=120))
     assert final["status"] == "succeeded", final.get("error")
     server.wait_idle(timeout=30)
     alone = server.predict(inputs)
@@ -593,19 +609,22 @@ def test_memory_does_not_grow_over_50_predictions(server: CogServer) -> None:
     assert growth_mib < 30
 
 
-def test_invalid_utf8_body_is_400_and_lone_surrogate_is_500_but_the_server_survives(
+def test_invalid_utf8_body_is_400_and_lone_surrogate_is_refused_but_the_server_survives(
         server: CogServer, expected_greedy: list[str]) -> None:
     """Bytes that are not UTF-8 are refused by the server before predict() (400). A lone surrogate
-    (a JSON escape such as \\ud800) reaches predict(), which fails it with a clear InputError; cog
-    0.16 then answers 500 because it echoes the input and cannot encode it, and drops the
-    connection. Nothing in predict.py can change that answer; the server stays READY."""
+    (a JSON escape such as \\ud800): coglet refuses the body as JSON (400); cog 0.16 passes it to
+    predict(), which fails it with a clear InputError, and then answers 500 because it echoes the
+    input and cannot encode it, and drops the connection. Nothing in predict.py can change that
+    answer; the server stays READY."""
     headers = {"Content-Type": "application/json"}
-    for body, status in ((b'{"input": {"prompt": "\xff\xfe"}}', 400), (b'{"input": {"prompt": "\\ud800"}}', 500)):
+    surrogate = 500 if server.runtime == "cog" else 400
+    for body, status in ((b'{"input": {"prompt": "\xff\xfe"}}', 400), (b'{"input": {"prompt": "\\ud800"}}', surrogate)):
         with local_session() as session:
             response = session.post(f"{server.url}/predictions", data=body, headers=headers, timeout=60)
         assert response.status_code == status, response.text
     server.wait_idle(timeout=30)
-    assert "prompt: contains a lone surrogate U+D800 at character 0" in server.log_tail(20000)
+    if server.runtime == "cog":
+        assert "prompt: contains a lone surrogate U+D800 at character 0" in server.log_tail(20000)
     assert server.get("/health-check").json()["status"] == "READY"
     assert server.predict(GREEDY)["output"] == expected_greedy
 
@@ -631,21 +650,32 @@ def test_seed_bounds_over_http(server: CogServer, seed: int, status: int) -> Non
     ({"prompt": "hi", "tools": "[]"}, ["tools", "ChatGLM3"]),
     ({"prompt": "hi", "stop_sequences": "[1]"}, ["stop_sequences"]),
     ({"prompt": LONG_CJK}, ["tokens but the context holds 32768"]),
+    ({"messages": "[" * 5000 + "]" * 5000}, ["messages: nested more than 64"]),
+    ({"messages": '[{"role": "user", "content": "hi", "metadata": ' + "[" * 5000 + "]" * 5000 + "}]"},
+     ["messages: nested more than 64"]),
+    ({"messages": '[{"role": ["user"], "content": "hi"}]'}, ["messages[0]: role must be a string, got list"]),
+    ({"system_prompt": "x", "messages": '[{"role": "user", "content": null}]'},
+     ["messages[0]: content must be a string, got NoneType"]),
+    ({"prompt": "hi", "stop_sequences": ",".join(f"s{i}" for i in range(1_000_000))},
+     ["stop_sequences: 1000000 stop sequences given; at most 32"]),
+    ({"prompt": "hi", "stop_sequences": "x" * 2_000_000}, ["stop_sequences: stop sequence 0 is 2000000 characters"]),
 ], ids=["empty", "blank", "messages-json", "messages-object", "role", "content", "tools", "stop",
-        "too-long"])
+        "too-long", "deep-messages", "deep-metadata", "role-list", "system-prompt-null-content",
+        "million-stops", "megabyte-stop"])
 def test_bad_inputs_over_http_are_failed_predictions_with_a_message(server: CogServer, inputs: dict[str, Any],
                                                                     words: list[str]) -> None:
     body = server.predict({**inputs, "max_tokens": 4})
-    assert body["status"] == "failed" and body["output"] in (None, [])
+    assert body["status"] == "failed" and body.get("output") in (None, [])
     for word in words:
-        assert word in body["error"]
+        assert word in server.error_message(body)
     server.wait_idle(timeout=30)
 
 
 def test_request_without_input_is_a_clear_failure(server: CogServer) -> None:
-    """No "input" (or "input": null): cog 0.16 calls predict() without arguments."""
+    """No "input" (or "input": null): cog 0.16 calls predict() without arguments, coglet with the
+    defaults."""
     for body in ({}, {"input": None}):
         response = server.post("/predictions", body)
         assert response.status_code == 200
         assert response.json()["status"] == "failed"
-        assert response.json()["error"].startswith("prompt: is empty")
+        assert server.error_message(response.json()).startswith("prompt: is empty")

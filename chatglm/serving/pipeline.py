@@ -172,12 +172,13 @@ class Pipeline:
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
         stats = stats if stats is not None else GenerationStats()
         ids = self._generate(input_ids, max_new_tokens, params, seed, stats)
-        return self._stream_text(ids, stop_sequences, stats, max_new_tokens)
+        tool_calls = any("tools" in m for m in messages)
+        return self._stream_text(ids, stop_sequences, stats, max_new_tokens, tool_calls)
 
     def _stream_text(self, ids: Iterator[int], stop_sequences: Sequence[str], stats: GenerationStats,
-                     max_new_tokens: int) -> Iterator[str]:
+                     max_new_tokens: int, tool_calls: bool = True) -> Iterator[str]:
         decoder = self.tokenizer.stream_decoder()
-        reply = Chatglm3Reply() if self.format_name == "chatglm3" else PlainReply()
+        reply = Chatglm3Reply(tool_calls) if self.format_name == "chatglm3" else PlainReply()
         matcher = StopSequenceMatcher([s for s in stop_sequences if s])
         start = time.perf_counter()
         first = None

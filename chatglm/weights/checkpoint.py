@@ -48,10 +48,7 @@ def find_weight_files(model_dir: str | Path) -> WeightFiles:
     for kind, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
                                 ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (d / index).is_file():
-            try:
-                weight_map = json.loads((d / index).read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{d / index}: not a valid shard index ({exc!r})") from None
+            weight_map = read_weight_map(d / index)
             names = list(dict.fromkeys(weight_map.values()))
             missing = [n for n in names if not (d / n).is_file()]
             if missing:
@@ -63,6 +60,25 @@ def find_weight_files(model_dir: str | Path) -> WeightFiles:
     present = ", ".join(sorted(p.name for p in d.iterdir())) or "nothing"
     raise CheckpointError(f"no weights in {d} (found: {present}); expected model.safetensors, "
                           f"pytorch_model.bin or a sharded index; {DOWNLOAD_HINT}")
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index: tensor name -> shard file name, both strings, each file a
+    plain name in the same directory."""
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index (not JSON: {exc})") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid shard index: needs a \"weight_map\" object of "
+                              "tensor name -> shard file name")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:80] + "..."
+            raise CheckpointError(f"{index}: weight_map[{key!r}] must be a shard file name in the same "
+                                  f"directory, got {shown}")
+    return weight_map
 
 
 def _read_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -82,6 +98,10 @@ def _read_bin(path: Path) -> dict[str, torch.Tensor]:
                               f"re-download it: {DOWNLOAD_HINT}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    bad = next((k for k in sd if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: expected a dict of tensors keyed by name, found the key {bad!r} "
+                              f"({type(bad).__name__})")
     return sd
 
 
@@ -115,7 +135,7 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 def stored_keys(files: WeightFiles) -> list[str]:
     """The tensor names a checkpoint holds (from the index, or from the file's header)."""
     if files.index is not None:
-        return list(json.loads(files.index.read_text(encoding="utf-8"))["weight_map"])
+        return list(read_weight_map(files.index))
     if files.kind == "bin":
         return list(_read_bin(files.files[0]))
     path = files.files[0]

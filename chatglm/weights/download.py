@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib
 import json
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -79,10 +81,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--revision", default=None, help="commit, branch or tag (default: pinned)")
     ap.add_argument("--keep-fp16", action="store_true", help="do not convert an fp16 model to int4")
     args = ap.parse_args(argv)
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         print(download(args.repo_id, args.out, args.revision, convert=not args.keep_fp16))
+    except HfHubHTTPError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        ap.exit(1, f"error: the Hugging Face Hub at {constants.ENDPOINT} refused {args.repo_id}: {first}\n")
+    except _network_errors() as exc:
+        ap.exit(1, f"error: cannot reach the Hugging Face Hub at {constants.ENDPOINT} to download {args.repo_id} "
+                   f"({type(exc).__name__}: {str(exc)[:200]})\n"
+                   f"Check the network connection (and HF_ENDPOINT or the proxy settings), or copy an official "
+                   f"model directory into {args.out}/ by hand (see the README's Weights section).\n")
     except ValueError as exc:
         ap.error(str(exc))
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the Hub could not be reached: connection errors and the transport
+    errors of the HTTP client huggingface_hub uses (whichever of them is installed); not disk errors."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("huggingface_hub.errors", "OfflineModeIsEnabled")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 if __name__ == "__main__":

@@ -54,16 +54,40 @@ def read_header(path: str | Path) -> tuple[int, dict[str, dict]]:
     header.pop("__metadata__", None)
     start = 8 + n
     for key, e in header.items():
-        try:
-            dtype, shape, (begin, end) = DTYPES[e["dtype"]], [int(d) for d in e["shape"]], e["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsFormatError(f"{key}: bad header entry {e!r}") from None
+        dtype, shape, (begin, end) = _check_entry(key, e)
         want = math.prod(shape) * dtype.itemsize
         if end - begin != want or begin < 0:
             raise SafetensorsFormatError(f"{key}: data_offsets {begin}..{end} do not hold {want} bytes")
         if start + end > size:
             raise SafetensorsFormatError(f"{key} ends at byte {start + end} but the file has {size} bytes")
     return start, header
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entry(key: str, e: object) -> tuple[torch.dtype, list[int], list[int]]:
+    """``(dtype, shape, data_offsets)`` of a header entry; SafetensorsFormatError naming the tensor and
+    the field for anything but a known dtype name, a list of non-negative integer dimensions and two
+    integer offsets (no strings, floats or booleans)."""
+    if not isinstance(e, dict):
+        raise SafetensorsFormatError(f"{key}: header entry must be an object, got {_short(e)}")
+    dtype = e.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SafetensorsFormatError(f"{key}: dtype {_short(dtype)} is not one of {', '.join(DTYPES)}")
+    shape = e.get("shape")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise SafetensorsFormatError(f"{key}: shape must be a list of non-negative integers, got {_short(shape)}")
+    offsets = e.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise SafetensorsFormatError(f"{key}: data_offsets must be two integers [begin, end], got {_short(offsets)}")
+    return DTYPES[dtype], shape, offsets
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 def _read_tensor(f, data_start: int, key: str, entry: dict) -> torch.Tensor:
