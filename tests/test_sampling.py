@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from chatglm.serving import sampling
-from chatglm.serving.sampling import NON_FINITE, SamplingParams, apply_repetition_penalty, filter_sorted, mark_seen, \
-    next_tokens, row_params
+from chatglm.serving.sampling import NON_FINITE, SamplingParams, apply_repetition_penalty, filter_sorted, History, \
+    new_history, next_tokens, record, row_params
 
 CPU = torch.device("cpu")
 
@@ -63,8 +63,8 @@ def test_the_race_draws_the_filtered_softmax_distribution(params, path, monkeypa
     seen[0, [1, 5, 9]] = True
     want = reference_probs(logits[0], params, seen[0] if params.repetition_penalty != 1 else None)
     rows = row_params([params] * 250, CPU)
-    draws = torch.cat([next_tokens(logits.expand(250, -1), rows, seen.expand(250, -1),
-                                   [gen] * 250) for _ in range(40)])
+    history = History(seen.expand(250, -1), None, torch.zeros(250, 1, dtype=torch.long))
+    draws = torch.cat([next_tokens(logits.expand(250, -1), rows, history, [gen] * 250) for _ in range(40)])
     counts = torch.bincount(draws, minlength=40).double()
     assert set(draws.tolist()) <= set(torch.nonzero(want).flatten().tolist())
     assert chi_square_p_value(counts, want.double()) > 1e-3
@@ -104,13 +104,47 @@ def test_seeds_reproduce_and_each_row_keeps_its_own_parameters_and_generator():
 
 def test_penalty_vocab_limit_and_non_finite_rows():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 9.0]])
-    seen = torch.zeros(1, 5, dtype=torch.bool)
-    mark_seen(seen, torch.tensor([3]))
-    assert apply_repetition_penalty(logits, seen, torch.tensor([[2.0]])).tolist() == [[2.0, -1.0, 0.5, 1.5, 9.0]]
     rows = row_params([SamplingParams(0.0, repetition_penalty=2.0)], CPU)
-    assert int(next_tokens(logits, rows, seen, [None], vocab_limit=4)) == 0  # id 4 masked, 3 penalised
+    history = new_history([[1]], rows, 5, CPU)
+    record(history, torch.tensor([3]))
+    assert history.seen.tolist() == [[False, True, False, True, False]] and history.produced.tolist() == [[1]]
+    assert apply_repetition_penalty(logits, history.seen, torch.tensor([[2.0]])).tolist() == [[2.0, -2.0, 0.5, 1.5, 9.0]]
+    assert int(next_tokens(logits, rows, history, [None], vocab_limit=4)) == 0  # id 4 masked, 3 penalised
     bad = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0], [float("inf"), 0.0, 0.0]])
     for greedy in (True, False):
         p = SamplingParams(0.0) if greedy else SamplingParams(1.0)
         got = next_tokens(bad, row_params([p] * 3, CPU), None, [None] * 3).tolist()
         assert got[0] == NON_FINITE and got[2] == NON_FINITE and got[1] in (0, 1, 2)
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    logits = torch.tensor([[3.0, 2.9, 2.8, 0.0]])
+    rows = row_params([SamplingParams(0.0, presence_penalty=0.5, frequency_penalty=0.1)], CPU)
+    history = new_history([[1, 1, 1]], rows, 4, CPU)  # the prompt does not count
+    assert int(next_tokens(logits, rows, history, [None])) == 0
+    for _ in range(2):
+        record(history, torch.tensor([0]))
+    assert history.counts.tolist() == [[2.0, 0.0, 0.0, 0.0]]
+    # id 0: 3.0 - 0.5 - 0.2 = 2.3 < 2.9
+    assert int(next_tokens(logits, rows, history, [None])) == 1
+    negative = row_params([SamplingParams(0.0, presence_penalty=-2.0)], CPU)  # OpenAI: < 0 encourages repeats
+    h = new_history([[0]], negative, 4, CPU)
+    record(h, torch.tensor([2]))
+    assert int(next_tokens(logits, negative, h, [None])) == 2
+    with pytest.raises(ValueError, match="presence_penalty=2.5 is out of range"):
+        SamplingParams(presence_penalty=2.5)
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=float("nan"))
+
+
+def test_min_tokens_masks_the_stop_ids_until_reached():
+    logits = torch.tensor([[1.0, 5.0, 2.0]])  # id 1 is the stop id and the most likely
+    rows = row_params([SamplingParams(0.0, min_tokens=2)], CPU)
+    history = new_history([[0]], rows, 3, CPU)
+    stops = torch.tensor([1])
+    picks = []
+    for _ in range(3):
+        token = next_tokens(logits, rows, history, [None], stop_ids=stops)
+        picks.append(int(token))
+        record(history, token)
+    assert picks == [2, 2, 1]

@@ -83,6 +83,11 @@ def test_per_request_stop_ids_and_max_tokens(model, scheduler):
     b = submit(scheduler, PROMPTS[1], 3)
     assert list(a) == free[:free.index(stop)] and a.reason == "stop_token"
     assert list(b) == free[:3] and b.reason == "max_tokens"
+    late = SamplingParams(0.0, min_tokens=8, presence_penalty=0.5, frequency_penalty=0.3)
+    want = solo(model, PROMPTS[1], 20, late, stops=(stop,))
+    c = submit(scheduler, PROMPTS[1], 20, late, stops=(stop,))
+    d = submit(scheduler, PROMPTS[0], 20)  # batched beside a row without those parameters
+    assert list(c) == want and len(want) >= 8 and list(d) == solo(model, PROMPTS[0], 20)
 
 
 def test_cancel_frees_the_slot_and_leaves_the_others_unchanged(model, scheduler):
@@ -133,13 +138,19 @@ def test_beyond_capacity_a_request_is_refused_at_once(model):
         Scheduler(model, 1, 0, max_cache_bytes=1024).submit(PROMPTS[0], 10, GREEDY, ())
 
 
-def test_many_mixed_requests_leak_no_slot(model, scheduler):
-    streams = []
-    for i in range(40):
-        s = submit(scheduler, PROMPTS[i % 4], 3 + i % 5, SAMPLED if i % 2 else GREEDY, seed=i)
-        streams.append(s)
-        if i % 7 == 0:
-            s.close()
-    for s in streams:
-        list(s)
-    assert scheduler.load() == (0, 0)
+def test_many_mixed_requests_leak_no_slot(model):
+    before = cache_usage().live
+    scheduler = Scheduler(model, max_batch=4, max_waiting=40, prefill_chunk=4)
+    try:
+        streams = []
+        for i in range(40):
+            s = submit(scheduler, PROMPTS[i % 4], 3 + i % 5, SAMPLED if i % 2 else GREEDY, seed=i)
+            streams.append(s)
+            if i % 7 == 0:
+                s.close()
+        for s in streams:
+            list(s)
+        assert scheduler.load() == (0, 0)
+    finally:
+        scheduler.close()
+    assert cache_usage().live == before

@@ -11,7 +11,7 @@ import torch
 
 from ..model.decoder import DecoderPool
 from ..model.transformer import ChatGLMForConditionalGeneration
-from .sampling import NON_FINITE, SamplingParams, mark_seen, next_tokens, row_params
+from .sampling import NON_FINITE, SamplingParams, new_history, next_tokens, record, row_params
 
 log = logging.getLogger(__name__)
 PREFILL_CHUNK = 1024
@@ -94,10 +94,8 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
     step = pool.acquire(len(input_ids) + max_new_tokens)
     rows = row_params([params], device)
     reader = TokenReader(device)
-    seen = None
-    if rows.any_penalty:
-        seen = torch.zeros(1, model.config.padded_vocab_size, dtype=torch.bool, device=device)
-        seen[0, torch.tensor(input_ids, device=device)] = True
+    history = new_history([input_ids], rows, model.config.padded_vocab_size, device)
+    stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=device) if params.min_tokens else None
     # Inference mode is entered around each computation and left before each yield: a suspended
     # generator must not leave the caller's thread in inference mode.
     try:
@@ -105,15 +103,14 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
             logits = None
             for start in range(0, len(input_ids), PREFILL_CHUNK):
                 logits = step.prefill(input_ids[start:start + PREFILL_CHUNK], 0, start)
-            token = next_tokens(logits[None], rows, seen, [generator], vocab_limit)
+            token = next_tokens(logits[None], rows, history, [generator], vocab_limit, stop_tensor)
             pos = torch.full((1, 1), len(input_ids), dtype=torch.long, device=device)
         def advance(i: int) -> torch.Tensor:
             with torch.inference_mode():
-                if seen is not None:
-                    mark_seen(seen, token)
+                record(history, token)
                 logits = step.step(token.view(1, 1), pos, span=len(input_ids) + i + 1)
                 pos.add_(1)
-                return next_tokens(logits, rows, seen, [generator], vocab_limit)
+                return next_tokens(logits, rows, history, [generator], vocab_limit, stop_tensor)
 
         # On CUDA the next step is queued before waiting for this token, so the device never idles
         # on the host; on CPU (synchronous anyway) nothing runs ahead of what the caller consumes.

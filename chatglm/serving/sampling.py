@@ -19,18 +19,32 @@ NON_FINITE = -1
 """The token id reported for a row whose logits hold NaN or an infinity."""
 
 
+PENALTY_BOUND = 2.0
+"""presence_penalty and frequency_penalty lie in ``-PENALTY_BOUND .. PENALTY_BOUND`` (OpenAI's range)."""
+MAX_MIN_TOKENS = 32768
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; repetition_penalty 1 = off."""
+    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; repetition_penalty 1 = off;
+    presence_penalty and frequency_penalty 0 = off (subtracted from the logits of tokens generated so
+    far: once for presence, once per occurrence for frequency); min_tokens: stop ids are masked until
+    that many tokens have been generated."""
 
     temperature: float = 0.0
     top_p: float = 0.8
     top_k: int = 50
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
 
     def __post_init__(self):
         checks = [("temperature", self.temperature, 0.0, 100.0), ("top_p", self.top_p, 0.0, 1.0),
-                  ("top_k", self.top_k, 0, 1_000_000), ("repetition_penalty", self.repetition_penalty, 0.01, 100.0)]
+                  ("top_k", self.top_k, 0, 1_000_000), ("repetition_penalty", self.repetition_penalty, 0.01, 100.0),
+                  ("presence_penalty", self.presence_penalty, -PENALTY_BOUND, PENALTY_BOUND),
+                  ("frequency_penalty", self.frequency_penalty, -PENALTY_BOUND, PENALTY_BOUND),
+                  ("min_tokens", self.min_tokens, 0, MAX_MIN_TOKENS)]
         for name, value, lo, hi in checks:
             if not (lo <= value <= hi):  # also rejects NaN
                 raise ValueError(f"{name}={value!r} is out of range: allowed {lo} <= {name} <= {hi}")
@@ -49,9 +63,14 @@ class RowParams(NamedTuple):
     top_k: torch.Tensor  # long [B, 1], 0 = off
     top_p: torch.Tensor  # float32 [B, 1]
     penalty: torch.Tensor  # float32 [B, 1]
+    presence: torch.Tensor  # float32 [B, 1]
+    frequency: torch.Tensor  # float32 [B, 1]
+    min_tokens: torch.Tensor  # long [B, 1]
     greedy: torch.Tensor  # bool [B]
     all_greedy: bool
     any_penalty: bool
+    any_counts: bool
+    any_min_tokens: bool
 
 
 def row_params(params: Sequence[SamplingParams], device: torch.device) -> RowParams:
@@ -63,8 +82,56 @@ def row_params(params: Sequence[SamplingParams], device: torch.device) -> RowPar
     return RowParams(col([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
                      col([p.top_k for p in params], torch.long), col([p.top_p for p in params], torch.float32),
                      col([p.repetition_penalty for p in params], torch.float32),
+                     col([p.presence_penalty for p in params], torch.float32),
+                     col([p.frequency_penalty for p in params], torch.float32),
+                     col([p.min_tokens for p in params], torch.long),
                      torch.tensor(greedy, dtype=torch.bool, device=device), all(greedy),
-                     any(p.repetition_penalty != 1.0 for p in params))
+                     any(p.repetition_penalty != 1.0 for p in params),
+                     any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params),
+                     any(p.min_tokens > 0 for p in params))
+
+
+class History(NamedTuple):
+    """What the penalties and ``min_tokens`` need to know of each row's tokens so far (device tensors)."""
+
+    seen: torch.Tensor | None  # bool [B, V]: prompt and generated ids (repetition penalty)
+    counts: torch.Tensor | None  # float32 [B, V]: generated ids (presence / frequency penalties)
+    produced: torch.Tensor  # long [B, 1]: tokens generated
+
+
+def new_history(prompts: Sequence[Sequence[int]], rows: RowParams, vocab_size: int, device: torch.device) -> History:
+    """The history of rows that have generated nothing yet after ``prompts``."""
+    B = len(prompts)
+    seen = counts = None
+    if rows.any_penalty:
+        seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+        for b, prompt in enumerate(prompts):
+            seen[b, torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
+    if rows.any_counts:
+        counts = torch.zeros(B, vocab_size, dtype=torch.float32, device=device)
+    return History(seen, counts, torch.zeros(B, 1, dtype=torch.long, device=device))
+
+
+def record(history: History, tokens: torch.Tensor) -> None:
+    """Add ``tokens [B]`` (one per row) to ``history`` in place (no host sync)."""
+    index = tokens.clamp_min(0).view(-1, 1)  # a NON_FINITE row ends its request
+    if history.seen is not None:
+        history.seen.scatter_(1, index, True)
+    if history.counts is not None:
+        history.counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    history.produced.add_(1)
+
+
+def stack_histories(histories: Sequence[History]) -> History:
+    """One batch history from single-row ones (for rows batched together in a step)."""
+    def cat(parts):
+        return None if all(p is None for p in parts) else torch.cat(parts)
+
+    first = histories[0]
+    if any((h.seen is None) != (first.seen is None) or (h.counts is None) != (first.counts is None) for h in histories):
+        raise ValueError("rows batched together need histories of the same kind: make them with the batch's RowParams")
+    return History(cat([h.seen for h in histories]), cat([h.counts for h in histories]),
+                   torch.cat([h.produced for h in histories]))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -72,6 +139,26 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     penalty, negative ones multiplied by it."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_history(logits: torch.Tensor, rows: RowParams, history: History | None,
+                  stop_ids: torch.Tensor | None) -> torch.Tensor:
+    """The repetition, presence and frequency penalties, and stop ids masked while a row has
+    generated fewer than its ``min_tokens``."""
+    if history is None:
+        return logits
+    V = logits.shape[-1]
+    if rows.any_penalty and history.seen is not None:
+        logits = apply_repetition_penalty(logits, history.seen[:, :V], rows.penalty)
+    if rows.any_counts and history.counts is not None:
+        counts = history.counts[:, :V]
+        logits = logits - rows.presence * (counts > 0) - rows.frequency * counts
+    if rows.any_min_tokens and stop_ids is not None and stop_ids.numel():
+        early = history.produced < rows.min_tokens  # [B, 1]
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        mask[:, stop_ids] = True
+        logits = logits.masked_fill(mask & early, float("-inf"))
+    return logits
 
 
 def filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -88,16 +175,17 @@ def filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch
     return keep
 
 
-def next_tokens(logits: torch.Tensor, rows: RowParams, seen: torch.Tensor | None,
-                generators: Sequence[torch.Generator | None], vocab_limit: int | None = None) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, rows: RowParams, history: History | None,
+                generators: Sequence[torch.Generator | None], vocab_limit: int | None = None,
+                stop_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The next token of each row, long ``[B]`` on ``logits``' device (:data:`NON_FINITE` for a row
-    whose logits are not all finite). ``logits [B, V]`` float32; ``seen`` marks each row's tokens so
-    far (for the repetition penalty); ``vocab_limit`` masks ids at and above it."""
+    whose logits are not all finite). ``logits [B, V]`` float32; ``history`` holds each row's tokens
+    so far (penalties, ``min_tokens``); ``vocab_limit`` masks ids at and above it; ``stop_ids`` (long,
+    on the device) are masked until a row has its ``min_tokens``."""
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = logits[:, :vocab_limit]
     bad = ~torch.isfinite(logits).all(dim=-1)
-    if rows.any_penalty and seen is not None:
-        logits = apply_repetition_penalty(logits, seen[:, :logits.shape[-1]], rows.penalty)
+    logits = apply_history(logits, rows, history, stop_ids)
     choice = logits.argmax(dim=-1)
     if not rows.all_greedy:
         scaled = logits / rows.temperature
@@ -139,8 +227,3 @@ def sample_candidates(scaled: torch.Tensor, rows: RowParams, generators: Sequenc
         probs = vals.masked_fill(~keep, float("-inf")).softmax(-1)
         out.append(ids[order[_race(probs, gen)]])
     return torch.stack(out)
-
-
-def mark_seen(seen: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Record ``tokens [B]`` in ``seen [B, V]`` in place (a :data:`NON_FINITE` row ends its request)."""
-    seen.scatter_(1, tokens.clamp_min(0).view(-1, 1), True)

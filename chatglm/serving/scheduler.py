@@ -26,7 +26,8 @@ import torch
 from ..model.cache import KVCache, RowCaches
 from ..model.transformer import ChatGLMForConditionalGeneration
 from .generation import non_finite_error
-from .sampling import NON_FINITE, SamplingParams, mark_seen, next_tokens, row_params
+from .sampling import NON_FINITE, History, SamplingParams, new_history, next_tokens, record, row_params, \
+    stack_histories
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class _Sequence:
         self.out: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.cache: KVCache | None = None
-        self.seen: torch.Tensor | None = None
+        self.history: History | None = None
         self.read = 0  # prompt tokens prefilled
         self.token: int | None = None  # the last token, not yet written to the cache
         self.produced = 0
@@ -129,6 +130,8 @@ class Scheduler:
                                     * torch.empty(0, dtype=model.dtype).element_size())
         self.max_cache_bytes = max_cache_bytes
         self.stats = SchedulerStats()
+        # Every row keeps the same kind of history (seen ids and counts), so rows batch together.
+        self._history_kind = row_params([SamplingParams(repetition_penalty=1.5, presence_penalty=1.0)], self.device)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         self._cond = threading.Condition()
@@ -226,9 +229,8 @@ class Scheduler:
         try:
             if seq.cache is None:
                 seq.cache = KVCache(self.model.config, 1, len(seq.prompt) + seq.max_new, self.device, self.model.dtype)
-                if seq.params.repetition_penalty != 1.0:
-                    seq.seen = torch.zeros(1, self.model.config.padded_vocab_size, dtype=torch.bool, device=self.device)
-                    seq.seen[0, torch.tensor(seq.prompt, device=self.device)] = True
+                seq.history = new_history([seq.prompt], self._history_kind, self.model.config.padded_vocab_size,
+                                          self.device)
             chunk = seq.prompt[seq.read:seq.read + self.prefill_chunk]
             x = torch.tensor([chunk], dtype=torch.long, device=self.device)
             pos = torch.arange(seq.read, seq.read + len(chunk), device=self.device)[None]
@@ -238,9 +240,14 @@ class Scheduler:
             self._finish(seq, "failed", exc)
             return
         if seq.read == len(seq.prompt):
-            token = next_tokens(logits, row_params([seq.params], self.device), seq.seen, [seq.generator],
-                                self.vocab_limit)
+            token = next_tokens(logits, row_params([seq.params], self.device), seq.history, [seq.generator],
+                                self.vocab_limit, self._stops(seq))
             self._accept(seq, int(token[0]))
+
+    def _stops(self, seq: _Sequence) -> torch.Tensor | None:
+        if not seq.params.min_tokens or not seq.stops:
+            return None
+        return torch.tensor(sorted(seq.stops), dtype=torch.long, device=self.device)
 
     def _decode(self, rows: list[_Sequence]) -> None:
         started = time.perf_counter()
@@ -248,16 +255,12 @@ class Scheduler:
         lengths = [len(s.prompt) + s.produced - 1 for s in rows]
         pos = torch.tensor([[n] for n in lengths], dtype=torch.long, device=self.device)
         for i, s in enumerate(rows):
-            if s.seen is not None:
-                mark_seen(s.seen, x[i])
+            record(s.history, x[i])
         logits = self.model(x, pos, RowCaches([s.cache for s in rows], lengths), last_only=True)[:, -1]
-        penalised = [s.seen is not None for s in rows]
-        seen = None
-        if any(penalised):
-            seen = torch.cat([s.seen if s.seen is not None else
-                              torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=self.device) for s in rows])
-        tokens = next_tokens(logits, row_params([s.params for s in rows], self.device), seen,
-                             [s.generator for s in rows], self.vocab_limit).tolist()
+        stops = sorted(set().union(*(s.stops for s in rows if s.params.min_tokens)))
+        tokens = next_tokens(logits, row_params([s.params for s in rows], self.device),
+                             stack_histories([s.history for s in rows]), [s.generator for s in rows], self.vocab_limit,
+                             torch.tensor(stops, dtype=torch.long, device=self.device) if stops else None).tolist()
         self.stats.steps += 1
         self.stats.rows += len(rows)
         self.stats.batch_sizes[len(rows)] += 1
