@@ -12,7 +12,7 @@ from typing import Any, Optional
 from cog import BasePredictor, ConcatenateIterator, Input, current_scope
 
 from chatglm import GenerationStats, Pipeline
-from chatglm.serving.inputs import build_request, integer_input, number_input
+from chatglm.serving.inputs import build_request, check_min_tokens, integer_input, number_input
 
 try:
     from cog import CancelationException  # cog >= 0.17 (coglet)
@@ -33,7 +33,9 @@ class Predictor(BasePredictor):
         started = time.perf_counter()
         self.pipe = Pipeline.from_pretrained(weights, device="auto", quantize=4,
                                              family=os.environ.get("CHATGLM_FAMILY") or None)
-        print(f"setup: {self.pipe.family} from {weights} in {time.perf_counter() - started:.1f} s")
+        warm = self.pipe.warmup()
+        print(f"setup: {self.pipe.family} from {weights} in {time.perf_counter() - started:.1f} s "
+              f"(warm-up {warm:.1f} s)")
 
     def predict(
         self,
@@ -59,6 +61,15 @@ class Predictor(BasePredictor):
                            default=50, ge=0, le=65024),
         repetition_penalty: float = Input(description="Penalty for tokens already present; 1 turns it off.",
                                           default=1.0, ge=0.01, le=10.0),
+        presence_penalty: float = Input(
+            description="Subtracted once from the logits of every token already generated (OpenAI semantics); 0 turns it off.",
+            default=0.0, ge=0.0, le=2.0),
+        frequency_penalty: float = Input(
+            description="Subtracted from the logits of every generated token once per time it was generated (OpenAI semantics); 0 turns it off.",
+            default=0.0, ge=0.0, le=2.0),
+        min_tokens: int = Input(
+            description="The answer does not end before this many new tokens (the end-of-answer tokens are masked until then); at most max_tokens.",
+            default=0, ge=0, le=32768),
         stop_sequences: str = Input(
             description="Comma-separated texts that end the answer (not included), or a JSON list of strings for texts with commas; at most 32, each at most 500 characters.",
             default=""),
@@ -70,12 +81,15 @@ class Predictor(BasePredictor):
             _given(v) for v in (prompt, system_prompt, messages, tools, stop_sequences))
         max_tokens, temperature, top_p, top_k, repetition_penalty, seed = (
             _given(v) for v in (max_tokens, temperature, top_p, top_k, repetition_penalty, seed))
+        presence_penalty, frequency_penalty, min_tokens = (
+            _given(v) for v in (presence_penalty, frequency_penalty, min_tokens))
         stats = GenerationStats()
         outcome = "cancelled"
         chunks = None
         try:
-            max_tokens, top_k, seed = (integer_input(name, value) for name, value in
-                                       (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed)))
+            max_tokens, top_k, seed, min_tokens = (integer_input(name, value) for name, value in (
+                ("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed), ("min_tokens", min_tokens)))
+            check_min_tokens(min_tokens, max_tokens)
             temperature, top_p, repetition_penalty = (number_input(name, value) for name, value in (
                 ("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)))
             request = build_request(self.pipe, prompt, system_prompt, messages, tools, stop_sequences)
@@ -83,7 +97,9 @@ class Predictor(BasePredictor):
                 print(f"warning: {warning}")
             chunks = self.pipe.stream(request.messages, max_new_tokens=max_tokens, temperature=temperature,
                                       top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                                      seed=seed, stop_sequences=request.stop_sequences, stats=stats)
+                                      seed=seed, stop_sequences=request.stop_sequences, stats=stats,
+                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                      min_tokens=min_tokens)
             for chunk in chunks:
                 yield chunk
             outcome = stats.stop_reason

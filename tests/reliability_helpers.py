@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 # The message of every failed prediction that is the caller's fault: it starts with the input it is
 # about, or it is the context-length error, which gives both numbers.
-USER_ERROR = re.compile(r"^(prompt|system_prompt|messages|tools|stop_sequences|max_tokens|top_k|seed|temperature|top_p|repetition_penalty)\b"
+USER_ERROR = re.compile(r"^(prompt|system_prompt|messages|tools|stop_sequences|min_tokens|max_tokens|top_k|seed|temperature|top_p|repetition_penalty)\b"
                         r"|^the prompt has \d+ tokens but the context holds \d+")
 
 

@@ -51,11 +51,14 @@ def test_openapi_schema_has_the_inputs_and_bounds(server: CogServer) -> None:
     schema = server.get("/openapi.json").json()
     props = schema["components"]["schemas"]["Input"]["properties"]
     assert set(props) == {"prompt", "system_prompt", "messages", "tools", "max_tokens", "temperature", "top_p",
-                          "top_k", "repetition_penalty", "stop_sequences", "seed"}
+                          "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens",
+                          "stop_sequences", "seed"}
     bounds = {name: (props[name].get("minimum"), props[name].get("maximum"), props[name].get("default"))
-              for name in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")}
+              for name in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
+                           "frequency_penalty", "min_tokens", "seed")}
     assert bounds == {"max_tokens": (1, 32768, 2048), "temperature": (0, 2, 0.8), "top_p": (0, 1, 0.8),
-                      "top_k": (0, 65024, 50), "repetition_penalty": (0.01, 10, 1.0), "seed": (0, 2**32 - 1, None)}
+                      "top_k": (0, 65024, 50), "repetition_penalty": (0.01, 10, 1.0), "presence_penalty": (0, 2, 0.0),
+                      "frequency_penalty": (0, 2, 0.0), "min_tokens": (0, 32768, 0), "seed": (0, 2**32 - 1, None)}
     assert props["max_tokens"]["type"] == "integer"
     assert props["temperature"]["type"] == "number"
     for name in ("prompt", "system_prompt", "messages", "tools", "stop_sequences"):

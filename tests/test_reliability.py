@@ -15,12 +15,12 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 
-from chatglm.serving import generation as generate
 from chatglm.model.cache import cache_usage
+from chatglm.serving.generation import PREFILL_CHUNK
 from chatglm.serving.inputs import InputError, build_request, parse_stop_sequences
 from tests.cogserver import (RUNTIMES, CogServer, WebhookReceiver, final_event, local_session,
                              skip_without_coglet)
-from tests.predict_helpers import make_predictor, predict_chunks, predict_defaults, predict_text
+from tests.predict_helpers import make_predictor, predict_chunks, predict_defaults, predict_text, run_predict
 from tests.reliability_helpers import count_forward, process_tree, rss_kib, short_context_copy
 from tests.tiny import random_state, tiny_config, write_model
 
@@ -268,7 +268,7 @@ def test_predict_without_arguments_uses_the_defaults(predictor2: Any) -> None:
     """cog 0.16 calls predict() with no arguments for a request without "input": the Input(...)
     defaults stand in for them, so the caller gets the empty-prompt error, not a crash."""
     with pytest.raises(InputError, match="prompt: is empty"):
-        list(predictor2.predict())
+        list(run_predict(predictor2))
 
 
 # --- cancellation (in-process) ----------------------------------------------------------------------
@@ -279,22 +279,28 @@ def test_closing_the_stream_stops_generation_and_frees_the_cache(predictor2: Any
     before = cache_usage()
     args = {**predict_defaults(), "prompt": "你好", "temperature": 1.0, "max_tokens": 500, "seed": 3}
     with count_forward(predictor2.pipe.model) as steps:
-        stream = predictor2.predict(**args)
+        stream = run_predict(predictor2, **args)
         chunks = [next(stream) for _ in range(5)]
         assert cache_usage().live == before.live + 1
-        at_close = steps.calls
         capsys.readouterr()
         stream.close()
-        assert steps.calls == at_close, "the model ran after the stream was closed"
+        at_close = steps.calls
+        deadline = time.monotonic() + 5
+        while cache_usage().live != before.live and time.monotonic() < deadline:
+            time.sleep(0.01)  # the engine frees the request's cache at its next step boundary
+        assert steps.calls <= at_close + 1, "the engine kept decoding the closed stream"
     assert all(chunks) and at_close < 500
     assert cache_usage().live == before.live and cache_usage().live_bytes == before.live_bytes
-    assert f"{at_close} output tokens, stop: cancelled" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    logged = re.search(r"(\d+) output tokens, stop: cancelled", out)
+    assert logged and 5 <= int(logged.group(1)) <= at_close, out
     assert predict_text(predictor2, **GREEDY) == expected
 
 
-def test_cancel_signal_inside_a_decode_step_frees_the_cache(predictor3: Any) -> None:
-    """Cog cancels a running prediction by raising CancelationException from a signal handler,
-    i.e. wherever the predictor happens to be, usually inside the model's forward."""
+def test_an_exception_inside_a_decode_step_fails_the_request_and_frees_the_cache(predictor3: Any) -> None:
+    """An exception raised in the middle of the model's forward (here cog's CancelationException,
+    which a signal handler raises wherever the code is) reaches the prediction that was running; the
+    engine frees its cache and serves the next prediction."""
     from cog.server.exceptions import CancelationException
 
     expected = predict_text(predictor3, **GREEDY)
@@ -302,7 +308,7 @@ def test_cancel_signal_inside_a_decode_step_frees_the_cache(predictor3: Any) -> 
     args = {**predict_defaults(), "prompt": "你好", "temperature": 1.0, "max_tokens": 500, "seed": 5}
     with count_forward(predictor3.pipe.model, raise_at=7, error=CancelationException()) as steps:
         with pytest.raises(CancelationException):
-            list(predictor3.predict(**args))
+            list(run_predict(predictor3, **args))
         assert steps.calls == 7
     assert cache_usage().live == before.live
     assert predict_text(predictor3, **GREEDY) == expected
@@ -370,7 +376,7 @@ def test_long_prompt_of_16k_tokens(predictor3: Any) -> None:
         chunks = predict_chunks(predictor3, prompt=prompt, temperature=0.0, max_tokens=4)
     seconds = time.perf_counter() - started
     after = cache_usage()
-    prefill_chunk = getattr(generate, "PREFILL_CHUNK", n_prompt)
+    prefill_chunk = PREFILL_CHUNK
     assert steps.calls <= (n_prompt - 1) // prefill_chunk + 4 and isinstance(chunks, list)
     assert after.allocated == before.allocated + 1 and after.last_capacity == n_prompt + 4
     assert after.live == before.live
@@ -550,7 +556,12 @@ def test_cancel_over_http_stops_promptly(server: CogServer, webhooks: WebhookRec
     final = final_event(webhooks.wait_terminal(prediction_id, timeout=60))
     latency = time.monotonic() - started
     assert final["status"] == "canceled"
-    match = re.search(r"(\d+) input tokens, (\d+) output tokens, stop: cancelled", final["logs"])
+    pattern = r"(\d+) input tokens, (\d+) output tokens, stop: cancelled"
+    match = re.search(pattern, final["logs"] or "")
+    deadline = time.monotonic() + 5
+    while match is None and time.monotonic() < deadline:  # under load the line can miss the final webhook
+        time.sleep(0.1)
+        match = re.search(pattern, server.log_tail(20000))
     assert match, final["logs"]
     produced = int(match.group(2))
     assert final["metrics"]["output_token_count"] == produced

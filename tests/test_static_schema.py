@@ -20,7 +20,7 @@ def _predict_function(tree: ast.Module) -> ast.FunctionDef:
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "Predictor":
             for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "predict":
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == "predict":
                     return item
     raise AssertionError("predict.py has no Predictor.predict")
 
@@ -93,6 +93,12 @@ def test_literal_bounds_are_the_engines_bounds() -> None:
 
     inputs = static_inputs(PREDICT.read_text(encoding="utf-8"))
     assert inputs["seed"]["le"] == MAX_SEED and inputs["seed"]["ge"] == 0
+    from chatglm.serving.sampling import MAX_MIN_TOKENS, PENALTY_BOUND
+    for name in ("presence_penalty", "frequency_penalty"):
+        # The service takes the non-negative half of the engine's range: a negative literal is an
+        # operator expression to a text reader of this file, and a dropped bound is no bound.
+        assert (inputs[name]["ge"], inputs[name]["le"]) == (0.0, PENALTY_BOUND)
+    assert inputs["min_tokens"]["le"] == MAX_MIN_TOKENS == inputs["max_tokens"]["le"]
     assert f"at most {MAX_STOP_SEQUENCES}, each at most {MAX_STOP_CHARS} characters" in \
         inputs["stop_sequences"]["description"]
 

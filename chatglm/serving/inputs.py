@@ -77,6 +77,12 @@ def integer_input(name: str, value: Any) -> Any:
     raise InputError(f"{name}: must be an integer, got {shown}")
 
 
+def check_min_tokens(min_tokens: int, max_tokens: int) -> None:
+    """``min_tokens`` cannot exceed ``max_tokens`` (the answer could never end)."""
+    if min_tokens > max_tokens:
+        raise InputError(f"min_tokens: must be at most max_tokens, got min_tokens={min_tokens} > max_tokens={max_tokens}")
+
+
 def number_input(name: str, value: Any) -> float:
     """A number input as a float; InputError for anything else (a runtime without the input schema,
     such as coglet without .cog/openapi_schema.json, passes inputs on unchecked)."""

@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -43,6 +43,8 @@ class GenerationStats:
     stop_reason: str = ""  # "stop_token", "max_tokens", "stop_sequence", "context_full", "" if cancelled
     token_budget: int = 0  # max_new_tokens after clamping to what the context leaves
     extra: dict[str, Any] = field(default_factory=dict)
+    cancel: Callable[[], None] = lambda: None
+    """Stops the generation from any thread (the stream then ends); set by :meth:`Pipeline.stream`."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -107,10 +109,12 @@ class Pipeline:
 
     def generate(self, input_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 0.8, top_k: int = 50, repetition_penalty: float = 1.0,
-                 seed: int | None = None) -> Iterator[int]:
+                 seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 min_tokens: int = 0) -> Iterator[int]:
         """New token ids after ``input_ids`` (stop ids are not yielded)."""
-        return self._generate(list(input_ids), max_new_tokens,
-                              SamplingParams(temperature, top_p, top_k, repetition_penalty), seed, None)
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty, presence_penalty, frequency_penalty,
+                                min_tokens)
+        return self._generate(list(input_ids), max_new_tokens, params, seed, None)
 
     def _generate(self, input_ids: list[int], max_new_tokens: int, params: SamplingParams,
                   seed: int | None, stats: GenerationStats | None) -> Iterator[int]:
@@ -133,7 +137,10 @@ class Pipeline:
                             max_new_tokens, budget, len(input_ids), self.max_context)
             if budget == 0:
                 return iter(())
-            return self.scheduler.submit(input_ids, budget, params, self.stop_ids, generator)
+            stream = self.scheduler.submit(input_ids, budget, params, self.stop_ids, generator)
+            if stats is not None:
+                stats.cancel = stream.close
+            return stream
         return generate_ids(self.model, input_ids, max_new_tokens, params, self.stop_ids, self.max_context,
                             generator, vocab_limit=self.tokenizer.vocab_size, decoders=self.decoders)
 
@@ -164,12 +171,14 @@ class Pipeline:
 
     def stream(self, messages: Sequence[dict], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.8,
                top_p: float = 0.8, top_k: int = 50, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop_sequences: Sequence[str] = (), stats: GenerationStats | None = None) -> Iterator[str]:
+               stop_sequences: Sequence[str] = (), stats: GenerationStats | None = None,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0, min_tokens: int = 0) -> Iterator[str]:
         """Text deltas of the assistant's reply to ``messages``; never a broken or dropped character.
         A ChatGLM3 tool call arrives as one JSON chunk ``{"tool_call": {...}}`` at the end (stop
         sequences apply to text, not to that chunk)."""
         input_ids = self.build_input_ids(messages)
-        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty, presence_penalty, frequency_penalty,
+                                min_tokens)
         stats = stats if stats is not None else GenerationStats()
         ids = self._generate(input_ids, max_new_tokens, params, seed, stats)
         tool_calls = any("tools" in m for m in messages)
@@ -196,6 +205,8 @@ class Pipeline:
                 if hit:
                     stats.stop_reason = "stop_sequence"
                     return
+            if getattr(ids, "reason", "") == "cancelled":  # stats.cancel() from another thread
+                return
             stats.stop_reason = ("max_tokens" if stats.output_tokens >= max_new_tokens else
                                  "context_full" if stats.output_tokens >= stats.token_budget else "stop_token")
             tail, hit = matcher.push(reply.push(decoder.flush()) + reply.finish())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -49,6 +50,26 @@ def cache_budget_bytes(device: torch.device) -> int:
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
     return int(info.get("MemAvailable", info.get("MemFree", 0)) * CACHE_BUDGET_FRACTION)
+
+
+MAX_BATCH_ENV = "CHATGLM_MAX_BATCH"
+DEFAULT_MAX_BATCH = {"cuda": 8, "cpu": 4}
+"""Requests decoded together by default, by device type (a step for 4 or 8 rows reads the weights once)."""
+
+
+def max_batch_setting(device: torch.device) -> int:
+    """``$CHATGLM_MAX_BATCH``, else :data:`DEFAULT_MAX_BATCH` for ``device``; a clear error for a bad value."""
+    raw = os.environ.get(MAX_BATCH_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_BATCH.get(device.type, 1)
+    if not raw.isdigit() or not 1 <= int(raw) <= 256:
+        raise ValueError(f"{MAX_BATCH_ENV}={raw!r}: must be a whole number from 1 to 256 (requests decoded together)")
+    return int(raw)
+
+
+MAX_AHEAD = 8
+"""Tokens a request may have waiting for its consumer; beyond that its row sits out the next steps
+(so a slow reader, or one that stopped reading, costs no decode work and cancels take effect at once)."""
 
 
 class AtCapacityError(RuntimeError):
@@ -97,6 +118,8 @@ class TokenStream:
 
     def __next__(self) -> int:
         item = self._seq.out.get()
+        if self._seq.out.qsize() < MAX_AHEAD // 2:
+            self._scheduler._wake()  # the engine may be holding this row back
         if isinstance(item, _End):
             self._seq.out.put(item)  # later calls end too
             self.reason = item.reason
@@ -185,8 +208,8 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._waiting and not self._active:
-                    self._cond.wait()
+                while not self._closed and not self._waiting and not self._runnable():
+                    self._cond.wait(timeout=0.05 if self._active else None)
                 if self._closed:
                     break
                 self._admit()
@@ -199,6 +222,11 @@ class Scheduler:
                     self._finish(seq, "failed", exc)
         for seq in list(self._active) + list(self._waiting):
             self._finish(seq, "failed", RuntimeError("the service is shutting down"))
+
+    def _runnable(self) -> bool:
+        """Whether some active request can make progress now (cancelled, reading its prompt, or
+        with fewer than MAX_AHEAD tokens unread)."""
+        return any(s.cancelled.is_set() or s.token is None or s.out.qsize() < MAX_AHEAD for s in self._active)
 
     def _cache_bytes_live(self) -> int:
         return sum(s.cache.nbytes for s in self._active if s.cache is not None)
@@ -221,7 +249,7 @@ class Scheduler:
         reading = [s for s in self._active if s.token is None]
         if reading:
             self._prefill_chunk(reading[0])
-        decoding = [s for s in self._active if s.token is not None]
+        decoding = [s for s in self._active if s.token is not None and s.out.qsize() < MAX_AHEAD]
         if decoding:
             self._decode(decoding)
 
