@@ -72,3 +72,16 @@ def test_bench_names_a_weights_directory_without_weights(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "--weights: no weights in" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_concurrency_writes_the_documented_keys(tmp_path):
+    out = tmp_path / "c.json"
+    cmd = [sys.executable, "-m", "chatglm.bench", "--shape", "tiny", "--cache-dir", str(tmp_path / "cache"),
+           "--concurrency", "1,2", "--concurrency-tokens", "4", "--json", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    levels = json.loads(out.read_text())["summary"]["concurrency"]
+    assert set(levels) == {"1", "2"}
+    for figures in levels.values():
+        assert {"aggregate_tokens_per_s", "per_stream_tokens_per_s", "ttft_p50_s", "ttft_p99_s"} <= set(figures)
+        assert figures["aggregate_tokens_per_s"] > 0 and figures["ttft_p99_s"] >= figures["ttft_p50_s"] > 0

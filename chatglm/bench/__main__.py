@@ -18,7 +18,7 @@ import torch
 
 from ..weights.checkpoint import CheckpointError, find_weight_files
 from ..quant.dispatch import default_dtype
-from . import kernels, measure
+from . import concurrency, kernels, measure
 from .randomckpt import SHAPES, ensure_checkpoint
 from .report import summarize, table
 
@@ -38,14 +38,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="decode steps of torch's int4 kernel path, today's CPU path (0: skip it)")
     ap.add_argument("--batch-tokens", type=int, default=16, help="decode steps timed at each batch of M rows")
     ap.add_argument("--chatglm-cpp-model", help="a chatglm.cpp GGML file (q4_0) to time, if chatglm_cpp is installed")
+    ap.add_argument("--concurrency", default="",
+                    help="comma-separated stream counts (e.g. 1,2,4,8): measure N streams batched by the engine "
+                         "thread instead of the single-stream figures")
+    ap.add_argument("--concurrency-tokens", type=int, default=16, help="tokens each concurrent stream decodes")
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--worker", choices=("ours", "setup-warm", "baseline", "torch-int4"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("ours", "setup-warm", "baseline", "torch-int4", "concurrency"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
         args.prompt_lengths = [int(p) for p in args.prompts.split(",") if p.strip()]
     except ValueError:
         ap.error(f"--prompts must be comma-separated integers, got {args.prompts!r}")
+    try:
+        args.concurrency_levels = [int(n) for n in args.concurrency.split(",") if n.strip()]
+    except ValueError:
+        ap.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    if any(n < 1 for n in args.concurrency_levels) or args.concurrency_tokens < 2:
+        ap.error("--concurrency levels must be >= 1 and --concurrency-tokens >= 2")
     if (args.decode_tokens < 1 or args.baseline_tokens < 0 or args.torch_int4_tokens < 0 or args.batch_tokens < 1
             or any(p < 1 for p in args.prompt_lengths)):
         ap.error("--decode-tokens and --batch-tokens must be >= 1, --baseline-tokens and --torch-int4-tokens >= 0 "
@@ -71,6 +82,11 @@ def run_worker(args: argparse.Namespace) -> None:
         run = measure.ModelRun(args.weights, device, dtype, "auto")
         Path(args.worker_out).write_text(json.dumps({"setup_seconds": run.setup_seconds,
                                                      "peak_rss": measure.peak_rss_bytes()}))
+        return
+    if args.worker == "concurrency":
+        run = measure.ModelRun(args.weights, device, dtype, "auto")
+        levels = concurrency.run_levels(run.model, args.concurrency_levels, new_tokens=args.concurrency_tokens)
+        Path(args.worker_out).write_text(json.dumps({"backend": run.backend, "levels": levels}))
         return
     if args.worker == "ours":
         out["cold_cache"] = measure.drop_page_cache(args.weights)
@@ -110,7 +126,8 @@ def spawn_worker(args: argparse.Namespace, kind: str, model_dir: Path) -> dict:
         cmd = [sys.executable, "-m", "chatglm.bench", "--worker", kind, "--worker-out", str(result),
                "--weights", str(model_dir), "--device", args.device, "--prompts", args.prompts,
                "--decode-tokens", str(args.decode_tokens), "--baseline-tokens", str(args.baseline_tokens),
-               "--torch-int4-tokens", str(args.torch_int4_tokens), "--batch-tokens", str(args.batch_tokens)]
+               "--torch-int4-tokens", str(args.torch_int4_tokens), "--batch-tokens", str(args.batch_tokens),
+               "--concurrency", args.concurrency, "--concurrency-tokens", str(args.concurrency_tokens)]
         proc = subprocess.run(cmd)
         if proc.returncode != 0 or not result.is_file():
             raise SystemExit(f"the {kind} benchmark process failed (exit {proc.returncode}); see its output above")
@@ -176,6 +193,15 @@ def main(argv: list[str] | None = None) -> None:
     dtype = default_dtype(device)
     results["matmul_flops"] = {str(dtype).removeprefix("torch."): measure.matmul_rate(dtype, device),
                                "float32": measure.matmul_rate(torch.float32, device)}
+    if args.concurrency_levels:
+        print(f"concurrent streams {args.concurrency} ...", flush=True)
+        run = spawn_worker(args, "concurrency", model_dir)
+        results["summary"] = {"backend": run["backend"], "concurrency": run["levels"]}
+        print(concurrency.table(run["levels"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            print(f"results written to {args.json}")
+        return
     print("our model ...", flush=True)
     results["ours"] = spawn_worker(args, "ours", model_dir)
     results["ours"]["warm"] = spawn_worker(args, "setup-warm", model_dir)
