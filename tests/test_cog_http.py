@@ -167,6 +167,24 @@ def test_invalid_messages_json_fails_with_a_clear_error(server: CogServer) -> No
     assert server.predict(GREEDY)["status"] == "succeeded"
 
 
+def test_replicate_llm_inputs_over_http(server: CogServer, reference2: Any) -> None:
+    """The three inputs reach the engine (min_tokens' masking itself is tested in test_sampling.py
+    and test_scheduler.py): the penalties give the in-process answer, min_tokens = max_tokens runs to
+    the end, a min_tokens above max_tokens fails naming it, and out-of-range values are 422."""
+    held = server.predict({**GREEDY, "max_tokens": 40, "min_tokens": 40})
+    assert held["status"] == "succeeded" and held["metrics"]["output_token_count"] == 40
+    server.wait_idle()
+    penalised = {**GREEDY, "max_tokens": 24, "presence_penalty": 1.5, "frequency_penalty": 0.7}
+    body = server.predict(penalised)
+    assert body["status"] == "succeeded" and body["output"] == predict_chunks(reference2, **penalised)
+    server.wait_idle()
+    bad = server.predict({**GREEDY, "max_tokens": 4, "min_tokens": 5})
+    assert bad["status"] == "failed" and server.error_message(bad).startswith("min_tokens: must be at most max_tokens")
+    server.wait_idle()
+    for name, value in (("presence_penalty", 2.5), ("frequency_penalty", -0.5), ("min_tokens", 40000)):
+        assert server.post("/predictions", {"input": {**GREEDY, name: value}}).status_code == 422, name
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_chatglm3_server_sync_prediction(chatglm3_dir: Path, tmp_path: Path, runtime: str) -> None:
     reference = make_predictor(chatglm3_dir)
