@@ -26,40 +26,6 @@ def predict_defaults() -> dict[str, Any]:
     return args
 
 
-class SyncStream:
-    """Drives the async generator of ``Predictor.predict`` from synchronous test code, on an event
-    loop of its own: iterate it for the chunks; ``close()`` is what a runtime does to a cancelled or
-    abandoned prediction (``aclose()``)."""
-
-    def __init__(self, agen: Any):
-        import asyncio
-
-        self._agen = agen
-        self._loop = asyncio.new_event_loop()
-
-    def __iter__(self) -> "SyncStream":
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return self._loop.run_until_complete(self._agen.__anext__())
-        except StopAsyncIteration:
-            self._loop.close()
-            raise StopIteration from None
-
-    def close(self) -> None:
-        if not self._loop.is_closed():
-            self._loop.run_until_complete(self._agen.aclose())
-            self._loop.close()
-
-
-def run_predict(predictor: Any, **args: Any) -> Any:
-    """``predictor.predict(**args)`` as a synchronous iterator of chunks (an async predict is driven
-    by :class:`SyncStream`)."""
-    result = predictor.predict(**args)
-    return SyncStream(result) if inspect.isasyncgen(result) else result
-
-
 def predict_chunks(predictor: Any, **overrides: Any) -> list[str]:
     """The chunks ``predictor.predict`` yields for the default inputs updated with ``overrides``."""
     args = predict_defaults()
@@ -67,7 +33,7 @@ def predict_chunks(predictor: Any, **overrides: Any) -> list[str]:
     if unknown:
         raise TypeError(f"predict() has no inputs {sorted(unknown)}")
     args.update(overrides)
-    return list(run_predict(predictor, **args))
+    return list(predictor.predict(**args))
 
 
 def predict_text(predictor: Any, **overrides: Any) -> str:

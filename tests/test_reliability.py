@@ -20,7 +20,7 @@ from chatglm.serving.generation import PREFILL_CHUNK
 from chatglm.serving.inputs import InputError, build_request, parse_stop_sequences
 from tests.cogserver import (RUNTIMES, CogServer, WebhookReceiver, final_event, local_session,
                              skip_without_coglet)
-from tests.predict_helpers import make_predictor, predict_chunks, predict_defaults, predict_text, run_predict
+from tests.predict_helpers import make_predictor, predict_chunks, predict_defaults, predict_text
 from tests.reliability_helpers import count_forward, process_tree, rss_kib, short_context_copy
 from tests.tiny import random_state, tiny_config, write_model
 
@@ -268,7 +268,7 @@ def test_predict_without_arguments_uses_the_defaults(predictor2: Any) -> None:
     """cog 0.16 calls predict() with no arguments for a request without "input": the Input(...)
     defaults stand in for them, so the caller gets the empty-prompt error, not a crash."""
     with pytest.raises(InputError, match="prompt: is empty"):
-        list(run_predict(predictor2))
+        list(predictor2.predict())
 
 
 # --- cancellation (in-process) ----------------------------------------------------------------------
@@ -279,7 +279,7 @@ def test_closing_the_stream_stops_generation_and_frees_the_cache(predictor2: Any
     before = cache_usage()
     args = {**predict_defaults(), "prompt": "你好", "temperature": 1.0, "max_tokens": 500, "seed": 3}
     with count_forward(predictor2.pipe.model) as steps:
-        stream = run_predict(predictor2, **args)
+        stream = predictor2.predict(**args)
         chunks = [next(stream) for _ in range(5)]
         assert cache_usage().live == before.live + 1
         capsys.readouterr()
@@ -308,7 +308,7 @@ def test_an_exception_inside_a_decode_step_fails_the_request_and_frees_the_cache
     args = {**predict_defaults(), "prompt": "你好", "temperature": 1.0, "max_tokens": 500, "seed": 5}
     with count_forward(predictor3.pipe.model, raise_at=7, error=CancelationException()) as steps:
         with pytest.raises(CancelationException):
-            list(run_predict(predictor3, **args))
+            list(predictor3.predict(**args))
         assert steps.calls == 7
     assert cache_usage().live == before.live
     assert predict_text(predictor3, **GREEDY) == expected

@@ -105,7 +105,7 @@ def test_seeds_reproduce_and_each_row_keeps_its_own_parameters_and_generator():
 def test_penalty_vocab_limit_and_non_finite_rows():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 9.0]])
     rows = row_params([SamplingParams(0.0, repetition_penalty=2.0)], CPU)
-    history = new_history([[1]], rows, 5, CPU)
+    history = new_history([[1]], 5, CPU, rows.any_penalty, rows.any_counts)
     record(history, torch.tensor([3]))
     assert history.seen.tolist() == [[False, True, False, True, False]] and history.produced.tolist() == [[1]]
     assert apply_repetition_penalty(logits, history.seen, torch.tensor([[2.0]])).tolist() == [[2.0, -2.0, 0.5, 1.5, 9.0]]
@@ -120,7 +120,7 @@ def test_penalty_vocab_limit_and_non_finite_rows():
 def test_presence_and_frequency_penalties_count_generated_tokens_only():
     logits = torch.tensor([[3.0, 2.9, 2.8, 0.0]])
     rows = row_params([SamplingParams(0.0, presence_penalty=0.5, frequency_penalty=0.1)], CPU)
-    history = new_history([[1, 1, 1]], rows, 4, CPU)  # the prompt does not count
+    history = new_history([[1, 1, 1]], 4, CPU, rows.any_penalty, rows.any_counts)  # the prompt does not count
     assert int(next_tokens(logits, rows, history, [None])) == 0
     for _ in range(2):
         record(history, torch.tensor([0]))
@@ -128,7 +128,7 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
     # id 0: 3.0 - 0.5 - 0.2 = 2.3 < 2.9
     assert int(next_tokens(logits, rows, history, [None])) == 1
     negative = row_params([SamplingParams(0.0, presence_penalty=-2.0)], CPU)  # OpenAI: < 0 encourages repeats
-    h = new_history([[0]], negative, 4, CPU)
+    h = new_history([[0]], 4, CPU, negative.any_penalty, negative.any_counts)
     record(h, torch.tensor([2]))
     assert int(next_tokens(logits, negative, h, [None])) == 2
     with pytest.raises(ValueError, match="presence_penalty=2.5 is out of range"):
@@ -140,7 +140,7 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
 def test_min_tokens_masks_the_stop_ids_until_reached():
     logits = torch.tensor([[1.0, 5.0, 2.0]])  # id 1 is the stop id and the most likely
     rows = row_params([SamplingParams(0.0, min_tokens=2)], CPU)
-    history = new_history([[0]], rows, 3, CPU)
+    history = new_history([[0]], 3, CPU, rows.any_penalty, rows.any_counts)
     stops = torch.tensor([1])
     picks = []
     for _ in range(3):

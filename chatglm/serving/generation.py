@@ -36,6 +36,16 @@ def check_prompt_length(n_prompt: int, max_context: int) -> None:
                                  f"shorten it to at most {max_context - 1} tokens to leave room for a reply")
 
 
+def clamp_new_tokens(max_new_tokens: int, n_prompt: int, max_context: int) -> int:
+    """``max_new_tokens`` cut to what the context leaves after the prompt (logged when it is cut)."""
+    room = max_context - n_prompt
+    if max_new_tokens > room:
+        log.warning("max_new_tokens=%d clamped to %d: the prompt has %d tokens of a %d-token context",
+                    max_new_tokens, room, n_prompt, max_context)
+        return room
+    return max_new_tokens
+
+
 class TokenReader:
     """Brings token ids to the host without waiting for work queued after them: on CUDA each copy
     goes to pinned memory behind an event, so reading it waits for that copy only."""
@@ -81,11 +91,7 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
     check_prompt_length(len(input_ids), max_context)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    room = max_context - len(input_ids)
-    if max_new_tokens > room:
-        log.warning("max_new_tokens=%d clamped to %d: the prompt has %d tokens of a %d-token context",
-                    max_new_tokens, room, len(input_ids), max_context)
-        max_new_tokens = room
+    max_new_tokens = clamp_new_tokens(max_new_tokens, len(input_ids), max_context)
     if max_new_tokens == 0:
         return
     stops = set(stop_ids)
@@ -94,7 +100,7 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
     step = pool.acquire(len(input_ids) + max_new_tokens)
     rows = row_params([params], device)
     reader = TokenReader(device)
-    history = new_history([input_ids], rows, model.config.padded_vocab_size, device)
+    history = new_history([input_ids], model.config.padded_vocab_size, device, rows.any_penalty, rows.any_counts)
     stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=device) if params.min_tokens else None
     # Inference mode is entered around each computation and left before each yield: a suspended
     # generator must not leave the caller's thread in inference mode.

@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -16,7 +16,7 @@ from .loading import load_for_inference
 from ..config import ChatGLMConfig
 from ..family import detect_family, prompt_format
 from ..model.decoder import DecoderPool
-from .generation import check_prompt_length, generate_ids
+from .generation import check_prompt_length, clamp_new_tokens, generate_ids
 from .scheduler import Scheduler, cache_budget_bytes
 from ..model.transformer import ChatGLMForConditionalGeneration
 from ..text.reply import Chatglm3Reply, PlainReply
@@ -43,8 +43,6 @@ class GenerationStats:
     stop_reason: str = ""  # "stop_token", "max_tokens", "stop_sequence", "context_full", "" if cancelled
     token_budget: int = 0  # max_new_tokens after clamping to what the context leaves
     extra: dict[str, Any] = field(default_factory=dict)
-    cancel: Callable[[], None] = lambda: None
-    """Stops the generation from any thread (the stream then ends); set by :meth:`Pipeline.stream`."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -131,16 +129,10 @@ class Pipeline:
             stats.seed, stats.input_tokens = seed, len(input_ids)
             stats.token_budget = min(max_new_tokens, self.max_context - len(input_ids))
         if self.scheduler is not None:
-            budget = min(max_new_tokens, self.max_context - len(input_ids))
-            if budget < max_new_tokens:
-                log.warning("max_new_tokens=%d clamped to %d: the prompt has %d tokens of a %d-token context",
-                            max_new_tokens, budget, len(input_ids), self.max_context)
+            budget = clamp_new_tokens(max_new_tokens, len(input_ids), self.max_context)
             if budget == 0:
                 return iter(())
-            stream = self.scheduler.submit(input_ids, budget, params, self.stop_ids, generator)
-            if stats is not None:
-                stats.cancel = stream.close
-            return stream
+            return self.scheduler.submit(input_ids, budget, params, self.stop_ids, generator)
         return generate_ids(self.model, input_ids, max_new_tokens, params, self.stop_ids, self.max_context,
                             generator, vocab_limit=self.tokenizer.vocab_size, decoders=self.decoders)
 
@@ -205,7 +197,7 @@ class Pipeline:
                 if hit:
                     stats.stop_reason = "stop_sequence"
                     return
-            if getattr(ids, "reason", "") == "cancelled":  # stats.cancel() from another thread
+            if getattr(ids, "reason", "") == "cancelled":  # the engine ended a cancelled request
                 return
             stats.stop_reason = ("max_tokens" if stats.output_tokens >= max_new_tokens else
                                  "context_full" if stats.output_tokens >= stats.token_budget else "stop_token")

@@ -99,17 +99,19 @@ class History(NamedTuple):
     produced: torch.Tensor  # long [B, 1]: tokens generated
 
 
-def new_history(prompts: Sequence[Sequence[int]], rows: RowParams, vocab_size: int, device: torch.device) -> History:
-    """The history of rows that have generated nothing yet after ``prompts``."""
+def new_history(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device, seen: bool,
+                counts: bool) -> History:
+    """The history of rows that have generated nothing yet after ``prompts``, keeping the seen ids
+    (for the repetition penalty) and the generated counts (presence / frequency) when asked."""
     B = len(prompts)
-    seen = counts = None
-    if rows.any_penalty:
-        seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+    seen_ids = generated = None
+    if seen:
+        seen_ids = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
         for b, prompt in enumerate(prompts):
-            seen[b, torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
-    if rows.any_counts:
-        counts = torch.zeros(B, vocab_size, dtype=torch.float32, device=device)
-    return History(seen, counts, torch.zeros(B, 1, dtype=torch.long, device=device))
+            seen_ids[b, torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
+    if counts:
+        generated = torch.zeros(B, vocab_size, dtype=torch.float32, device=device)
+    return History(seen_ids, generated, torch.zeros(B, 1, dtype=torch.long, device=device))
 
 
 def record(history: History, tokens: torch.Tensor) -> None:

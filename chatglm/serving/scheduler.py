@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import queue
 import threading
 import time
@@ -50,21 +49,6 @@ def cache_budget_bytes(device: torch.device) -> int:
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
     return int(info.get("MemAvailable", info.get("MemFree", 0)) * CACHE_BUDGET_FRACTION)
-
-
-MAX_BATCH_ENV = "CHATGLM_MAX_BATCH"
-DEFAULT_MAX_BATCH = {"cuda": 8, "cpu": 4}
-"""Requests decoded together by default, by device type (a step for 4 or 8 rows reads the weights once)."""
-
-
-def max_batch_setting(device: torch.device) -> int:
-    """``$CHATGLM_MAX_BATCH``, else :data:`DEFAULT_MAX_BATCH` for ``device``; a clear error for a bad value."""
-    raw = os.environ.get(MAX_BATCH_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_BATCH.get(device.type, 1)
-    if not raw.isdigit() or not 1 <= int(raw) <= 256:
-        raise ValueError(f"{MAX_BATCH_ENV}={raw!r}: must be a whole number from 1 to 256 (requests decoded together)")
-    return int(raw)
 
 
 MAX_AHEAD = 8
@@ -153,8 +137,6 @@ class Scheduler:
                                     * torch.empty(0, dtype=model.dtype).element_size())
         self.max_cache_bytes = max_cache_bytes
         self.stats = SchedulerStats()
-        # Every row keeps the same kind of history (seen ids and counts), so rows batch together.
-        self._history_kind = row_params([SamplingParams(repetition_penalty=1.5, presence_penalty=1.0)], self.device)
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         self._cond = threading.Condition()
@@ -257,8 +239,9 @@ class Scheduler:
         try:
             if seq.cache is None:
                 seq.cache = KVCache(self.model.config, 1, len(seq.prompt) + seq.max_new, self.device, self.model.dtype)
-                seq.history = new_history([seq.prompt], self._history_kind, self.model.config.padded_vocab_size,
-                                          self.device)
+                # Every row keeps both kinds of history, so that any rows can batch together.
+                seq.history = new_history([seq.prompt], self.model.config.padded_vocab_size, self.device,
+                                          seen=True, counts=True)
             chunk = seq.prompt[seq.read:seq.read + self.prefill_chunk]
             x = torch.tensor([chunk], dtype=torch.long, device=self.device)
             pos = torch.arange(seq.read, seq.read + len(chunk), device=self.device)[None]
