@@ -155,17 +155,19 @@ class DecoderPool:
         A kept bucket serving another request is not shared: the caller gets a step of its own."""
         key = (batch, self.capacity_for(needed))
         with self._lock:
-            step = self._steps.get(key) if self.bucketed else None
-            if step is None or step.in_use:
-                if self.bucketed and step is None:
-                    self._evict(self.keep - 1)
+            kept = self._steps.get(key) if self.bucketed else None
+            if kept is not None and not kept.in_use:
+                step = kept
+            else:
                 step = DecodeStep(self.model, batch, key[1])
-                if self.bucketed and key not in self._steps:
+                if self.bucketed and kept is None:
+                    self._evict(self.keep - 1)
                     self._steps[key] = step
-            if self.bucketed and self._steps.get(key) is step:
+            is_kept = self._steps.get(key) is step
+            if is_kept:
                 self._steps.move_to_end(key)
             step.in_use = True
-        if self.use_graphs:
+        if self.use_graphs and is_kept:  # a spare step lives for one request: not worth a capture
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             step.capture(self._graph_pool)
