@@ -152,7 +152,8 @@ def check_bench(rows, timeout: int) -> None:
             _row(rows, "bench --device cuda", "TIMEOUT", f"over {timeout} s")
             return
         if proc.returncode != 0 or not out.is_file():
-            _row(rows, "bench --device cuda", "FAIL", (proc.stderr or proc.stdout).strip().splitlines()[-1:])
+            last = (proc.stderr or proc.stdout).strip().splitlines()
+            _row(rows, "bench --device cuda", "FAIL", last[-1] if last else f"exit {proc.returncode}")
             return
         s = json.loads(out.read_text())["summary"]
         _row(rows, f"bench decode ({s['backend']})", f"{s['decode_pct_of_floor']:.0f} %",
