@@ -83,7 +83,8 @@ def test_sync_prediction_equals_in_process_predictor(server: CogServer, referenc
 
 
 def test_async_prediction_streams_output_webhooks(server: CogServer, webhooks: WebhookReceiver) -> None:
-    inputs = {"prompt": "你好", "temperature": 0, "max_tokens": 128}
+    # Long enough to outlast cog 0.16's webhook throttling (one output event per 0.5 s at most).
+    inputs = {"prompt": "你好", "temperature": 0, "max_tokens": 600}
     sync_output = server.predict(inputs)["output"]
     prediction_id = f"async-{uuid.uuid4().hex[:12]}"
     response = server.post("/predictions", {"id": prediction_id, "input": inputs, "webhook": webhooks.url,
