@@ -196,19 +196,23 @@ class CogServer:
     def put(self, path: str, body: Any, headers: dict[str, str] | None = None) -> requests.Response:
         return self.http.put(f"{self.url}{path}", json=body, headers=headers, timeout=HTTP_TIMEOUT)
 
-    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """A synchronous prediction; returns the response JSON (HTTP 200 expected).
+    def submit(self, body: Any, headers: dict[str, str] | None = None) -> requests.Response:
+        """POST a prediction request; returns the response.
 
         coglet frees its prediction slot a few milliseconds after it has answered, so a request sent
         right after the previous answer may get its 409 (at capacity): that one is retried for up
         to COGLET_SLOT_RELEASE_S (counted in ``busy_retries``)."""
         deadline = time.monotonic() + COGLET_SLOT_RELEASE_S
         while True:
-            response = self.post("/predictions", {"input": inputs})
+            response = self.post("/predictions", body, headers=headers)
             if response.status_code != 409 or self.runtime != "coglet" or time.monotonic() > deadline:
-                break
+                return response
             self.busy_retries += 1
             time.sleep(0.01)
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """A synchronous prediction; returns the response JSON (HTTP 200 expected)."""
+        response = self.submit({"input": inputs})
         assert response.status_code == 200, response.text
         return response.json()
 

@@ -642,7 +642,7 @@ def test_invalid_utf8_body_is_400_and_lone_surrogate_is_refused_but_the_server_s
 
 @pytest.mark.parametrize("seed,status", [(0, 200), (MAX_SEED, 200), (MAX_SEED + 1, 422), (-1, 422)])
 def test_seed_bounds_over_http(server: CogServer, seed: int, status: int) -> None:
-    response = server.post("/predictions", {"input": {"prompt": "你好", "max_tokens": 4, "seed": seed}})
+    response = server.submit({"input": {"prompt": "你好", "max_tokens": 4, "seed": seed}})
     assert response.status_code == status, response.text
     if status == 200:
         assert response.json()["status"] == "succeeded"
@@ -686,7 +686,7 @@ def test_request_without_input_is_a_clear_failure(server: CogServer) -> None:
     """No "input" (or "input": null): cog 0.16 calls predict() without arguments, coglet with the
     defaults."""
     for body in ({}, {"input": None}):
-        response = server.post("/predictions", body)
+        response = server.submit(body)
         assert response.status_code == 200
         assert response.json()["status"] == "failed"
         assert server.error_message(response.json()).startswith("prompt: is empty")
