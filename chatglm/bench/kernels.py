@@ -33,7 +33,7 @@ def _median(fn, repeats: int) -> float:
 def streaming_rates(model: torch.nn.Module, rows: int = 1, repeats: int = 5) -> dict:
     """Seconds and GB/s of one pass over every int4 layer (and, separately, of the output layer) at
     ``rows`` input rows in the model's dtype."""
-    dtype = model.transformer.embedding.word_embeddings.weight.dtype
+    dtype = model.dtype
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     inputs = {m.in_features: torch.randn(rows, m.in_features).to(dtype) for m in layers}
     head = model.transformer.output_layer
@@ -58,7 +58,7 @@ def batched_decode_seconds(model: torch.nn.Module, rows: int, steps: int, prompt
     cfg = model.config
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(100, min(cfg.padded_vocab_size, 64000), (rows, prompt_tokens), generator=gen)
-    dtype = model.transformer.embedding.word_embeddings.weight.dtype
+    dtype = model.dtype
     cache = KVCache(cfg, rows, prompt_tokens + steps + 1, "cpu", dtype)
     try:
         pos = torch.arange(prompt_tokens).expand(rows, prompt_tokens)

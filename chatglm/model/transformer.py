@@ -193,7 +193,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.embedding.word_embeddings.weight.dtype
+        """The compute dtype (the embedding table may be kept in a narrower stored dtype)."""
+        return self.transformer.encoder.final_layernorm.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | RowCaches | None = None,
@@ -201,7 +202,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         step = self._step(input_ids, input_pos, cache, span)
         t = self.transformer
         rope = t.rotary_pos_emb.at(step.input_pos)
-        x = t.embedding(input_ids)
+        x = t.embedding(input_ids).to(self.dtype)
         for i, layer in enumerate(t.encoder.layers):
             x = layer(x, rope, step, i)
         if last_only:

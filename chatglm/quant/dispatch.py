@@ -212,19 +212,32 @@ class RowLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
+def int8_head_used(backend: str) -> bool:
+    """True where :func:`prepare_model` replaces the output layer by its int8 copy (so the loader may
+    leave the stored float16 weight for it to quantize, instead of casting it first)."""
+    if backend != "cpu-native":
+        return False
+    from .kernels import cpu_head
+    return cpu_head.usable()
+
+
 def prepare_model(model: nn.Module, backend: str) -> str:
     """Prepare every Int4Linear of ``model`` for ``backend`` (a name, see :mod:`chatglm.quant.selfcheck`
     for choosing one) and return it; ``none`` for a model without int4 layers. On CPU the output
     layer becomes a :class:`RowLinear` (same weight) whose decode GEMV is faster, or with
-    ``cpu-native`` on an AVX512-VNNI CPU an int8 copy of it (:mod:`chatglm.quant.kernels.cpu_head`)."""
+    ``cpu-native`` on an AVX512-VNNI CPU an int8 copy of it (:mod:`chatglm.quant.kernels.cpu_head`).
+    An output layer left in another dtype than the model's (see ``int8_head_used``) is cast to it."""
     layers = int4_layers(model)
-    if not layers:
-        return "none"
     for layer in layers:
         prepare_layer(layer, backend)
     head = model.transformer.output_layer if hasattr(model, "transformer") else None
-    if backend.startswith("cpu") and isinstance(head, nn.Linear) and head.bias is None:
-        from .kernels import cpu_head
-        int8 = backend == "cpu-native" and cpu_head.usable()
-        model.transformer.output_layer = cpu_head.Int8Head(head.weight) if int8 else RowLinear(head.weight)
-    return backend
+    if isinstance(head, nn.Linear) and head.bias is None:
+        if layers and int8_head_used(backend):
+            from .kernels import cpu_head
+            model.transformer.output_layer = cpu_head.Int8Head(head.weight)
+        else:
+            if head.weight.dtype != model.dtype:
+                head.weight = nn.Parameter(head.weight.to(model.dtype), requires_grad=False)
+            if layers and backend.startswith("cpu"):
+                model.transformer.output_layer = RowLinear(head.weight)
+    return backend if layers else "none"

@@ -3,18 +3,20 @@
 Supported layouts (as published): ``pytorch_model.bin``; ``pytorch_model-0000k-of-0000n.bin`` with
 ``pytorch_model.bin.index.json``; ``model.safetensors``; sharded safetensors with
 ``model.safetensors.index.json``. ``.bin`` files are read with ``torch.load(weights_only=True,
-mmap=True)``: pickled code is refused, never executed. Safetensors files are read tensor by tensor
-(:mod:`chatglm.safetensors_read`), the fast and lean path that ``python -m chatglm.download`` leaves.
-The model is built on the meta device and filled tensor by tensor, so no second full copy of the
-weights is made.
+mmap=True)``: pickled code is refused, never executed. Safetensors files (what ``python -m
+chatglm.download`` leaves) are memory-mapped (:mod:`chatglm.weights.mapped`): tensors the model keeps
+as stored are used in place, and a tensor that is converted has its pages released after; where a
+file cannot be mapped it is read tensor by tensor (:mod:`chatglm.weights.safetensors_read`). The model
+is built on the meta device and filled tensor by tensor, so no second full copy of the weights is made.
 """
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 from torch import nn
@@ -23,9 +25,15 @@ from ..config import ChatGLMConfig
 from ..model.transformer import ChatGLMForConditionalGeneration
 from ..quant.linear import Int4Linear, swap_to_int4
 from ..quant.int4 import quantize_int4
+from .mapped import MappedSafetensors, release
 from .safetensors_read import SafetensorsFormatError, iter_safetensors, read_header
 
+log = logging.getLogger(__name__)
+
 IGNORED_KEYS = ("transformer.rotary_pos_emb.inv_freq",)
+EMBEDDING_KEY = "transformer.embedding.word_embeddings.weight"
+"""Only gathered from (a row per token): kept as stored when that is no wider than the compute dtype;
+the model casts the looked-up rows."""
 DOWNLOAD_HINT = "fill the directory with `python -m chatglm.download <repo>` (see the README)"
 
 
@@ -111,16 +119,28 @@ def _unreadable_safetensors(path: Path, exc: Exception) -> CheckpointError:
 
 
 def iter_tensors(files: WeightFiles) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Yield ``(key, tensor, file)`` one file at a time."""
+    """Yield ``(key, tensor, file)`` one file at a time; safetensors tensors are views of a mapping of
+    the file where it can be mapped."""
     for path in files.files:
         if files.kind == "bin":
             yield from ((k, v, path) for k, v in _read_bin(path).items())
             continue
         try:
-            for key, tensor in iter_safetensors(path):
+            for key, tensor in _safetensors(path):
                 yield key, tensor, path
         except (SafetensorsFormatError, OSError) as exc:
             raise _unreadable_safetensors(path, exc) from None
+
+
+def _safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        mapped = MappedSafetensors(path)
+    except SafetensorsFormatError:
+        raise
+    except (OSError, ValueError, AttributeError) as exc:  # no mmap here: read the file instead
+        log.warning("%s cannot be memory-mapped (%s: %s); reading it instead", path, type(exc).__name__, exc)
+        return iter_safetensors(path)
+    return mapped.tensors()
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -151,14 +171,16 @@ def _spec(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 
 def load_model(model_dir: str | Path, config: ChatGLMConfig, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, quantize: int | None = None,
-               on_int4_layer: Callable[[Int4Linear], None] | None = None) -> ChatGLMForConditionalGeneration:
+               on_int4_layer: Callable[[Int4Linear], None] | None = None,
+               keep_stored: Collection[str] = ()) -> ChatGLMForConditionalGeneration:
     """Build the model for ``config`` and fill it from ``model_dir``.
 
     ``quantize=None`` keeps the checkpoint as stored (int4 stays int4); ``quantize=4`` makes an int4
     model, quantizing a float checkpoint tensor by tensor; ``quantize=0`` requires a float checkpoint.
-    Float tensors are cast to ``dtype``; int4 codes stay int8 and their scales fp16. ``on_int4_layer``
-    is called with each int4 layer as soon as its tensors are in (e.g. to pack it for a kernel), so
-    that work overlaps reading the rest of the file.
+    Float tensors are cast to ``dtype`` except the embedding table (see ``EMBEDDING_KEY``) and the
+    keys in ``keep_stored`` (which the caller converts itself); int4 codes stay int8 and their scales
+    fp16. ``on_int4_layer`` is called with each int4 layer as soon as its tensors are in (e.g. to pack
+    it for a kernel), so that work overlaps reading the rest of the file.
     """
     if quantize not in (None, 0, 4):
         raise ValueError(f"quantize must be None, 0 or 4, got {quantize!r}")
@@ -197,8 +219,10 @@ def load_model(model_dir: str | Path, config: ChatGLMConfig, device: str | torch
                           f"{'torch.int8' if want == torch.int8 else 'a floating-point dtype'}")
         elif not errors:
             module = key.rpartition(".")[0]
-            _assign(model, key, tensor, device, dtype, quantize_now=module in int4_modules
-                    and not stored_int4 and key.endswith(".weight"))
+            kept = _assign(model, key, tensor, device, dtype, keep_stored, quantize_now=module in int4_modules
+                           and not stored_int4 and key.endswith(".weight"))
+            if not kept:
+                release(tensor)
             if on_int4_layer is not None and module in pending:
                 pending[module].discard(key)
                 if not pending[module]:
@@ -217,14 +241,19 @@ def load_model(model_dir: str | Path, config: ChatGLMConfig, device: str | torch
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor, device, dtype: torch.dtype,
-            quantize_now: bool) -> None:
+            keep_stored: Collection[str], quantize_now: bool) -> bool:
+    """Set ``key`` from ``tensor`` (converted as the model needs it); True if ``tensor`` itself is kept."""
     if quantize_now:
         packed, scale = quantize_int4(tensor)
         _set_tensor(model, key, packed.to(device))
         _set_tensor(model, key + "_scale", scale.to(device))
-    elif key.endswith(".weight_scale"):
-        _set_tensor(model, key, tensor.to(device=device, dtype=torch.float16))
-    elif tensor.dtype == torch.int8:
-        _set_tensor(model, key, tensor.to(device))
+        return False
+    if key.endswith(".weight_scale"):
+        value = tensor.to(device=device, dtype=torch.float16)
+    elif tensor.dtype == torch.int8 or key in keep_stored or (
+            key == EMBEDDING_KEY and tensor.element_size() <= dtype.itemsize):
+        value = tensor.to(device)
     else:
-        _set_tensor(model, key, tensor.to(device=device, dtype=dtype))
+        value = tensor.to(device=device, dtype=dtype)
+    _set_tensor(model, key, value)
+    return value.data_ptr() == tensor.data_ptr()

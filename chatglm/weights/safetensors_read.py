@@ -1,10 +1,10 @@
-"""Reads safetensors files tensor by tensor with plain file reads.
+"""Reads safetensors files: the header, checked, and (where a file cannot be memory-mapped, see
+:mod:`chatglm.weights.mapped`) each tensor with plain file reads.
 
-The file is never memory-mapped: each tensor is read into its own buffer, so the process holds only
-what the model keeps plus one tensor in flight (a mapping of the whole file would add every page
-touched to the resident set until it is closed). The operating system is asked to read ahead the
-whole file, and a reader thread keeps the next tensors ready, so disk reads overlap with the caller's
-work on the previous tensor.
+The read path puts each tensor into its own buffer, so the process holds only what the model keeps
+plus one tensor in flight. The operating system is asked to read ahead the whole file, and a reader
+thread keeps the next tensors ready, so disk reads overlap with the caller's work on the previous
+tensor.
 
 Format: 8 bytes little-endian header length ``n``, then ``n`` bytes of JSON mapping each name to
 ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets from the end of the header) and an

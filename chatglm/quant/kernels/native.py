@@ -41,6 +41,7 @@ def _build_name() -> str:
     for name in SOURCES + HEADERS:
         digest.update((CSRC / name).read_bytes())
     digest.update(torch.__version__.encode())
+    digest.update(str(CSRC).encode())  # the build records source paths: another checkout rebuilds otherwise
     return f"chatglm_kernels_{digest.hexdigest()[:12]}"
 
 
