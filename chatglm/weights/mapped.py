@@ -11,8 +11,9 @@ the conversion with :func:`release`: its pages leave this process's resident set
 keep them) and the mapping stays valid, so a later read would fault them back in from the file.
 
 The mapping is private and copy-on-write: a write to a weight changes this process's copy only,
-never the file. The files must not be truncated while the service runs (replacing them by rename, as
-``python -m chatglm.download`` does, is safe: the mapping keeps the old file).
+never the file. The files must not be truncated or rewritten in place while the service runs;
+deleting or replacing them, as ``python -m chatglm.download`` does, is safe (the mapping keeps the old
+file's data).
 """
 from __future__ import annotations
 
