@@ -13,8 +13,8 @@ from ..model.transformer import ChatGLMForConditionalGeneration
 from ..quant.linear import Int4Linear
 from ..quant.dispatch import BACKENDS, check_dtype, int8_head_used, prepare_layer, prepare_model
 from ..quant.selfcheck import select_backend
-from ..weights.checkpoint import load_model
-from ..weights.mapped import release
+from ..weights.checkpoint import find_weight_files, load_model
+from ..weights.mapped import prefetch, release
 
 
 def int4_shapes(cfg: ChatGLMConfig) -> list[tuple[int, int]]:
@@ -30,6 +30,9 @@ def load_for_inference(model_dir: str | Path, config: ChatGLMConfig, device: tor
     check_dtype(device, dtype)
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown int4 backend {backend!r}; allowed: auto, {', '.join(BACKENDS)}")
+    files = find_weight_files(model_dir)
+    if files.kind == "safetensors":
+        prefetch(files.files)  # the disk reads while the self-check runs
     if backend == "auto":
         backend = select_backend(device, dtype, int4_shapes(config))
     head = "transformer.output_layer.weight"

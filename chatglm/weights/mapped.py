@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import threading
 import weakref
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +37,8 @@ MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _mappings: "weakref.WeakValueDictionary[int, mmap.mmap]" = weakref.WeakValueDictionary()
 """Live mappings by base address, so that :func:`release` can tell a mapped tensor from any other."""
 _populate = {"ok": True}
+PREFETCH_CHUNK = 2 << 20
+"""Bytes one prefetch call faults in: small, because the call holds the GIL."""
 
 
 class MappedSafetensors:
@@ -98,3 +101,24 @@ def release(tensor: torch.Tensor) -> bool:
     if last > first:
         m.madvise(mmap.MADV_DONTNEED, first, last - first)
     return True
+
+
+def prefetch(paths: list[Path]) -> threading.Thread:
+    """Start reading ``paths`` into the page cache in a background thread and return it, so that the
+    disk works while the caller does something else (the kernels' self-check) before mapping them.
+    Each chunk is unmapped again once read: the page cache keeps it, this process does not."""
+    def run() -> None:
+        for path in paths:
+            try:
+                with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                    for begin in range(0, len(m), PREFETCH_CHUNK):
+                        end = min(begin + PREFETCH_CHUNK, len(m))
+                        if not _advise(m, MADV_POPULATE_READ, begin, end):
+                            return
+                        _advise(m, mmap.MADV_DONTNEED, begin, end)  # cached, but not resident here twice
+            except (OSError, ValueError):  # the loader reports unreadable files itself
+                return
+
+    thread = threading.Thread(target=run, name="weights-prefetch", daemon=True)
+    thread.start()
+    return thread
