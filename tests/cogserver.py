@@ -196,15 +196,17 @@ class CogServer:
     def put(self, path: str, body: Any, headers: dict[str, str] | None = None) -> requests.Response:
         return self.http.put(f"{self.url}{path}", json=body, headers=headers, timeout=HTTP_TIMEOUT)
 
-    def submit(self, body: Any, headers: dict[str, str] | None = None) -> requests.Response:
-        """POST a prediction request; returns the response.
+    def submit(self, body: Any, headers: dict[str, str] | None = None, prediction_id: str | None = None
+               ) -> requests.Response:
+        """POST a prediction request (PUT to /predictions/<prediction_id> when given); returns the response.
 
         coglet frees its prediction slot a few milliseconds after it has answered, so a request sent
         right after the previous answer may get its 409 (at capacity): that one is retried for up
         to COGLET_SLOT_RELEASE_S (counted in ``busy_retries``)."""
         deadline = time.monotonic() + COGLET_SLOT_RELEASE_S
         while True:
-            response = self.post("/predictions", body, headers=headers)
+            response = (self.post("/predictions", body, headers=headers) if prediction_id is None
+                        else self.put(f"/predictions/{prediction_id}", body, headers=headers))
             if response.status_code != 409 or self.runtime != "coglet" or time.monotonic() > deadline:
                 return response
             self.busy_retries += 1

@@ -119,9 +119,9 @@ def test_async_prediction_streams_output_webhooks(server: CogServer, webhooks: W
 def test_cancel_a_running_prediction(server: CogServer, webhooks: WebhookReceiver, reference2: Any) -> None:
     prediction_id = f"cancel-{uuid.uuid4().hex[:12]}"
     inputs = {"prompt": "你好", "temperature": 1, "max_tokens": 2000, "seed": 11}
-    response = server.put(f"/predictions/{prediction_id}",
-                          {"input": inputs, "webhook": webhooks.url,
-                           "webhook_events_filter": ["start", "output", "completed"]}, headers=ASYNC)
+    response = server.submit({"input": inputs, "webhook": webhooks.url,
+                              "webhook_events_filter": ["start", "output", "completed"]},
+                             headers=ASYNC, prediction_id=prediction_id)
     assert response.status_code == 202, response.text
     webhooks.wait_for(prediction_id, lambda ev: any(e.get("output") for e in ev), timeout=60)
     busy = server.post("/predictions", {"input": GREEDY})

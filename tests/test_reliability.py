@@ -538,9 +538,9 @@ def expected_greedy(predictor2: Any) -> list[str]:
 
 def _start_async(server: CogServer, webhooks: WebhookReceiver, inputs: dict[str, Any]) -> str:
     prediction_id = f"rel-{uuid.uuid4().hex[:12]}"
-    response = server.put(f"/predictions/{prediction_id}",
-                          {"input": inputs, "webhook": webhooks.url,
-                           "webhook_events_filter": ["start", "output", "completed"]}, headers=ASYNC)
+    response = server.submit({"input": inputs, "webhook": webhooks.url,
+                              "webhook_events_filter": ["start", "output", "completed"]},
+                             headers=ASYNC, prediction_id=prediction_id)
     assert response.status_code == 202, response.text
     return prediction_id
 

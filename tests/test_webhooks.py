@@ -62,8 +62,8 @@ class SilentReceiver:
 
 
 def _async_with_webhook(server: CogServer, url: str) -> None:
-    response = server.put(f"/predictions/hook-{uuid.uuid4().hex[:10]}", {"input": INPUTS, "webhook": url},
-                          headers={"Prefer": "respond-async"})
+    response = server.submit({"input": INPUTS, "webhook": url}, headers={"Prefer": "respond-async"},
+                             prediction_id=f"hook-{uuid.uuid4().hex[:10]}")
     assert response.status_code == 202, response.text
 
 
