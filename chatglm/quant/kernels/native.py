@@ -40,8 +40,10 @@ def _build_name() -> str:
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update((CSRC / name).read_bytes())
-    digest.update(torch.__version__.encode())
-    digest.update(str(CSRC).encode())  # the build records source paths: another checkout rebuilds otherwise
+    # The build records the source and torch header paths: another checkout, or another environment's
+    # torch, sharing the name would rebuild it over this one's at every switch.
+    for part in (torch.__version__, str(CSRC), str(Path(torch.__file__).parent)):
+        digest.update(part.encode())
     return f"chatglm_kernels_{digest.hexdigest()[:12]}"
 
 
