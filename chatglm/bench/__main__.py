@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"model_dir": str(model_dir), "machine": machine_info(device)}
     print("measuring memory bandwidth and matmul rates ...", flush=True)
     bandwidth = [measure.read_bandwidth(device)]
+    stream = [kernels.stream_read_bandwidth()] if device.type == "cpu" else []
     dtype = default_dtype(device)
     results["matmul_flops"] = {str(dtype).removeprefix("torch."): measure.matmul_rate(dtype, device),
                                "float32": measure.matmul_rate(torch.float32, device)}
@@ -208,13 +209,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.torch_int4_tokens and device.type == "cpu":
         print("today's CPU path: torch's int4 kernel (cpu-int4) ...", flush=True)
         bandwidth.append(measure.read_bandwidth(device))
+        stream.append(kernels.stream_read_bandwidth())
         results["torch_int4"] = spawn_worker(args, "torch-int4", model_dir)
     if args.baseline_tokens:
         print("baseline: dequantize the whole weight, then matmul ...", flush=True)
         results["baseline"] = spawn_worker(args, "baseline", model_dir)
     results["chatglm_cpp"] = time_chatglm_cpp(args.chatglm_cpp_model, args.decode_tokens)
     bandwidth.append(measure.read_bandwidth(device))
-    results["bandwidth_bytes_per_s"] = bandwidth
+    results["bandwidth_bytes_per_s"] = bandwidth  # torch's x.sum() over 1 GiB
+    if device.type == "cpu":
+        stream.append(kernels.stream_read_bandwidth())
+        results["stream_read"] = [r for r in stream if r is not None]  # our extension's streaming read
     results["summary"] = summarize(results, dtype)
     print(table(results))
     if args.json:

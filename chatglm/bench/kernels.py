@@ -1,6 +1,7 @@
 """Kernel-level figures of a loaded model: the int4 layers' and the output layer's streaming rate
 (GB/s, weights read from DRAM: every layer of the model in turn, so nothing stays in cache), the
-decode step at M = 1, 2, 4, 8 batched rows, and which ISA and prefill paths ran."""
+decode step at M = 1, 2, 4, 8 batched rows, which ISA and prefill paths ran, and a memory-bandwidth
+reading with the kernels' own loads (:func:`stream_read_bandwidth`)."""
 from __future__ import annotations
 
 import statistics
@@ -12,6 +13,8 @@ from ..model.cache import KVCache
 from ..quant.linear import Int4Linear
 
 BATCH_ROWS = (1, 2, 4, 8)
+STREAM_PREFETCH = (0, 1024, 2048, 4096)
+"""Software-prefetch distances (bytes) tried by the streaming read; its best rate is reported."""
 
 
 def _layer_bytes(module: torch.nn.Module) -> int:
@@ -82,3 +85,16 @@ def paths() -> dict:
     rates = cpu_native.measure_prefill()
     return {"native": True, "isa": native.best_isa(), "supported_isas": native.supported_isas(),
             "prefill_path": cpu_native.prefill_path(), "prefill_rates_gflops": {k: v / 1e9 for k, v in rates.items()}}
+
+
+def stream_read_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict | None:
+    """Read bandwidth in bytes/s of our extension's streaming read (AVX512 or AVX2 loads over all threads,
+    contiguous ranges, each software-prefetch distance in :data:`STREAM_PREFETCH`): the median of each
+    distance, the best of them reported. None where the extension is not built."""
+    from ..quant.kernels import native
+    if not native.load():
+        return None
+    buf = torch.ones(int(gib * (1 << 30)) // 64 * 64, dtype=torch.uint8)
+    rates = {str(pf): buf.numel() / _median(lambda pf=pf: native.stream_read(buf, pf), repeats) for pf in STREAM_PREFETCH}
+    best = max(rates, key=rates.get)
+    return {"bytes_per_s": rates[best], "prefetch": int(best), "by_prefetch": rates}

@@ -9,7 +9,8 @@ ninja) keeps torch's int4 kernel: :func:`load` returns None and logs why, once.
 Ops: ``int4_gemv(x[M, K], weight int8 [N, K/2], scale fp16 [N], isa)`` for M = 1..8 rows,
 ``int8_gemv(x, weight int8 [N, K], scale float32 [N], isa)`` (the output layer) and
 ``int4_unpack(weight, scale, r0, out)`` (int8 codes or dequantized rows, for prefill) and
-``quantize_rows_int8(weight)`` (the output layer's int8 copy).
+``quantize_rows_int8(weight)`` (the output layer's int8 copy); ``stream_read(buf, prefetch)`` reads a
+buffer once with the kernels' loads (the benchmark's bandwidth probe).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("int4_gemv.cpp", "int8_head.cpp")
+SOURCES = ("int4_gemv.cpp", "int8_head.cpp", "stream_read.cpp")
 HEADERS = ("common.h", "int4_avx2.inc")
 ISA_PATHS = {"scalar": 0, "avx2": 1, "avx-vnni": 2, "avx512-vnni": 3}
 """ISA paths by name, as the C++ ``Isa`` enum numbers them."""
@@ -133,3 +134,9 @@ def int4_unpack(weight: torch.Tensor, scale: torch.Tensor, r0: int, out: torch.T
     """Rows ``r0 : r0 + len(out)`` of the official int4 weight into ``out``: int8 codes, or ``code * scale``
     in bfloat16 / float32 (``out``'s dtype). Returns ``out``."""
     return torch.ops.chatglm.int4_unpack(weight, scale, r0, out)
+
+
+def stream_read(buf: torch.Tensor, prefetch: int = 0) -> int:
+    """XOR of every 64-bit word of ``buf`` (contiguous, 64-byte aligned, whole 64-byte lines), read with the
+    widest loads here over all threads, software prefetch ``prefetch`` bytes ahead when > 0."""
+    return torch.ops.chatglm.stream_read(buf, prefetch)

@@ -76,34 +76,55 @@ void int8_scalar(const Int8Args& p, int64_t n0, int64_t n1) {
 }
 
 // w * q as u8 x s8: |w| times q with w's sign moved onto q (weights are clamped to -127..127).
+// A tile of R weight rows shares each activation load and gives R independent chains and R memory
+// streams; the software prefetch runs PREFETCH bytes ahead in each row (as the int4 kernel).
 template <int M>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int8_avx512(const Int8Args& p, int64_t n0,
-                                                                                 int64_t n1) {
+constexpr int head_tile_rows() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
+
+template <int M, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void int8_tile_avx512(const Int8Args& p,
+                                                                                             int64_t n) {
   const QAct& a = *p.a;
   const __m512i zero = _mm512_setzero_si512();
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* row = p.w + n * p.k;
-    __m512 acc[M];
-    for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < a.nblk; ++b) {
-      const int64_t len = std::min(QBLOCK, p.k - b * QBLOCK);
-      __m512i dot[M];
-      for (int r = 0; r < M; ++r) dot[r] = zero;
-      for (int64_t h = 0; h < len; h += 64) {
-        const __mmask64 keep = len - h >= 64 ? ~0ULL : (1ULL << (len - h)) - 1;
-        const __m512i w = _mm512_maskz_loadu_epi8(keep, row + b * QBLOCK + h);
+  const int8_t* rows[R];
+  __m512 acc[R][M];
+  for (int i = 0; i < R; ++i) {
+    rows[i] = p.w + (n + i) * p.k;
+    for (int r = 0; r < M; ++r) acc[i][r] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < a.nblk; ++b) {
+    const int64_t len = std::min(QBLOCK, p.k - b * QBLOCK);
+    __m512i dot[R][M];
+    for (int i = 0; i < R; ++i)
+      for (int r = 0; r < M; ++r) dot[i][r] = zero;
+    for (int64_t h = 0; h < len; h += 64) {
+      const __mmask64 keep = len - h >= 64 ? ~0ULL : (1ULL << (len - h)) - 1;
+      __m512i q[M];
+      for (int r = 0; r < M; ++r) q[r] = _mm512_loadu_si512(a.q.data() + (r * a.nblk + b) * QBLOCK + h);
+      for (int i = 0; i < R; ++i) {
+        const int8_t* c = rows[i] + b * QBLOCK + h;
+        _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH), _MM_HINT_T0);
+        const __m512i w = _mm512_maskz_loadu_epi8(keep, c);
         const __mmask64 neg = _mm512_movepi8_mask(w);
         const __m512i aw = _mm512_abs_epi8(w);
-        for (int r = 0; r < M; ++r) {
-          const __m512i q = _mm512_loadu_si512(a.q.data() + (r * a.nblk + b) * QBLOCK + h);
-          dot[r] = _mm512_dpbusd_epi32(dot[r], aw, _mm512_mask_sub_epi8(q, neg, zero, q));
-        }
+        for (int r = 0; r < M; ++r) dot[i][r] = _mm512_dpbusd_epi32(dot[i][r], aw, _mm512_mask_sub_epi8(q[r], neg, zero, q[r]));
       }
-      for (int r = 0; r < M; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(a.s[r * a.nblk + b]), acc[r]);
     }
-    for (int r = 0; r < M; ++r) p.y[r * p.n_total + n] = p.scale[n] * _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < M; ++r) {
+      const __m512 s = _mm512_set1_ps(a.s[r * a.nblk + b]);
+      for (int i = 0; i < R; ++i) acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][r]), s, acc[i][r]);
+    }
   }
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < M; ++r) p.y[r * p.n_total + n + i] = p.scale[n + i] * _mm512_reduce_add_ps(acc[i][r]);
+}
+
+template <int M>
+void int8_avx512(const Int8Args& p, int64_t n0, int64_t n1) {
+  constexpr int R = head_tile_rows<M>();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int8_tile_avx512<M, R>(p, n);
+  for (; n < n1; ++n) int8_tile_avx512<M, 1>(p, n);
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t isa) {
@@ -125,25 +146,32 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   return y.to(x.scalar_type());
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_bf16(const uint16_t* p, __mmask16 keep) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, p)), 16));
+// 16 values as float32 (exactly: every bfloat16 and float16 is a float32): bfloat16 by a 16-bit
+// shift, float16 by the F16C conversion.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const at::BFloat16* p, __mmask16 keep) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(keep, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// One bfloat16 row quantized on AVX512: bf16 -> float is a 16-bit shift; 16 values per step.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) float quantize_row_bf16_avx512(const at::BFloat16* src, int64_t k,
-                                                                                    int8_t* dst) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const at::Half* p, __mmask16 keep) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, p));
+}
+
+// One bfloat16 or float16 row quantized on AVX512, 16 values per step, with the scalar path's
+// arithmetic (float32 |max|, one multiply, clamp, nearest-even): the same codes and scale.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float quantize_row_avx512(const T* src, int64_t k, int8_t* dst) {
   __m512 m = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += 16) {
     const __mmask16 keep = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
-    m = _mm512_max_ps(m, _mm512_abs_ps(load_bf16(bits + i, keep)));
+    m = _mm512_max_ps(m, _mm512_abs_ps(load16(src + i, keep)));
   }
   const float amax = _mm512_reduce_max_ps(m);
   const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
   const __m512 lim = _mm512_set1_ps(127.f);
   for (int64_t i = 0; i < k; i += 16) {
     const __mmask16 keep = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
-    const __m512 v = _mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(load_bf16(bits + i, keep), inv), lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
+    const __m512 v = _mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(load16(src + i, keep), inv), lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
     _mm_mask_storeu_epi8(dst + i, keep, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
   }
   return amax;
@@ -177,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& weight) 
     at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         float amax;
-        if (std::is_same_v<scalar_t, at::BFloat16>) {  // the cast below is taken only for bfloat16
-          amax = avx512 ? quantize_row_bf16_avx512(reinterpret_cast<const at::BFloat16*>(src + r * k), k, dst + r * k) : quantize_row_scalar(src + r * k, k, dst + r * k);
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>) {
+          amax = avx512 ? quantize_row_avx512(src + r * k, k, dst + r * k) : quantize_row_scalar(src + r * k, k, dst + r * k);
         } else {
           amax = quantize_row_scalar(src + r * k, k, dst + r * k);
         }
