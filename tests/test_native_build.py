@@ -1,4 +1,4 @@
-"""The C++ extension's build name is its own per source, checkout and torch installation: two
+"""The C++ extension's build name is its own per source, checkout, torch installation and ninja: two
 environments (the test venv and the coglet venv) sharing one name rebuilt it over each other."""
 from __future__ import annotations
 
@@ -22,4 +22,7 @@ def test_build_name_depends_on_sources_checkout_and_torch_location(monkeypatch: 
     monkeypatch.setattr(native, "CSRC", copy)
     other_checkout = native._build_name()
     (copy / native.SOURCES[0]).write_bytes((copy / native.SOURCES[0]).read_bytes() + b"\n")
-    assert len({name, other_torch, other_checkout, native._build_name()}) == 4
+    changed_source = native._build_name()
+    monkeypatch.setattr(native.shutil, "which", lambda cmd: f"/elsewhere/bin/{cmd}")
+    other_ninja = native._build_name()
+    assert len({name, other_torch, other_checkout, changed_source, other_ninja}) == 5

@@ -41,9 +41,9 @@ def _build_name() -> str:
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update((CSRC / name).read_bytes())
-    # The build records the source and torch header paths: another checkout, or another environment's
-    # torch, sharing the name would rebuild it over this one's at every switch.
-    for part in (torch.__version__, str(CSRC), str(Path(torch.__file__).parent)):
+    # The build records the source and torch header paths, and ninja versions keep different logs:
+    # another checkout, torch or ninja sharing the name would rebuild it over this one's at every switch.
+    for part in (torch.__version__, str(CSRC), str(Path(torch.__file__).parent), str(shutil.which("ninja"))):
         digest.update(part.encode())
     return f"chatglm_kernels_{digest.hexdigest()[:12]}"
 
