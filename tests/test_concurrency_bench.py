@@ -24,6 +24,21 @@ def test_the_window_counts_every_row_of_its_last_step(monkeypatch):
     assert r["window_tokens"] == 4  # the steps at 2.5 and 3.0, both rows of each
     assert r["aggregate_tokens_per_s"] == pytest.approx(4.0) and r["per_stream_tokens_per_s"] == pytest.approx(2.0)
     assert r["ttft_p50_s"] == pytest.approx(1.001) and r["ttft_p99_s"] == pytest.approx(2.002)
+    assert r["cores_used"] >= 0
+
+
+def test_cores_used_is_cpu_seconds_per_wall_second(monkeypatch):
+    clock = {"cpu": 10.0, "wall": 100.0}
+
+    def streams(*_args, **_kwargs):
+        clock["cpu"] += 3.0  # the level kept 1.5 cores busy for 2 s
+        clock["wall"] += 2.0
+        return _two_streams()
+
+    monkeypatch.setattr(concurrency, "_run_streams", streams)
+    monkeypatch.setattr(concurrency.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(concurrency.time, "perf_counter", lambda: clock["wall"])
+    assert concurrency.run_level(None, 2, 8, 4)["cores_used"] == pytest.approx(1.5)
 
 
 def test_streams_that_never_decode_together_are_an_error(monkeypatch):
@@ -41,6 +56,7 @@ def test_levels_run_in_interleaved_rounds_and_report_medians(monkeypatch):
         rate = {0: 10.0, 1: 30.0, 2: 20.0}[seed] * n
         return {"aggregate_tokens_per_s": rate, "per_stream_tokens_per_s": rate / n, "window_seconds": 1.0,
                 "window_tokens": int(rate), "ttft_p50_s": 0.5, "ttft_p99_s": 0.7, "longest_stall_s": 0.1,
+                "cores_used": 1.9,
                 "streams": n, "new_tokens": 4, "prompt_tokens": 8}
 
     monkeypatch.setattr(concurrency, "_run_streams", lambda *a, **k: None)  # the warm-ups

@@ -66,8 +66,13 @@ def _run_streams(model: ChatGLMForConditionalGeneration, streams: int, prompt_to
 
 def run_level(model: ChatGLMForConditionalGeneration, streams: int, prompt_tokens: int, new_tokens: int,
               seed: int = 0) -> dict:
-    """Submit ``streams`` requests at once and time them; returns the figures of one level."""
+    """Submit ``streams`` requests at once and time them; returns the figures of one level.
+    ``cores_used`` (this process's CPU seconds per wall second over the level, all threads) shows
+    whether it had the machine: on 2 idle cores it stays near 2, and well below means that other
+    processes took cores from that level's figures."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     start, stamps, engine, stall = _run_streams(model, streams, prompt_tokens, new_tokens, seed)
+    cores = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
     if any(len(e) < 2 for e in engine):
         raise RuntimeError(f"every stream needs 2 tokens or more to be timed, got {[len(e) for e in engine]}")
     window_start = max(e[0] for e in engine)
@@ -81,7 +86,7 @@ def run_level(model: ChatGLMForConditionalGeneration, streams: int, prompt_token
             "per_stream_tokens_per_s": statistics.median(n / seconds for n in inside),
             "window_seconds": seconds, "window_tokens": sum(inside),
             "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p99_s": _percentile(ttft, 0.99),
-            "longest_stall_s": stall, "streams": streams, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens}
+            "longest_stall_s": stall, "cores_used": cores, "streams": streams, "new_tokens": new_tokens, "prompt_tokens": prompt_tokens}
 
 
 def run_levels(model: ChatGLMForConditionalGeneration, levels: list[int], prompt_tokens: int = 32,
@@ -107,11 +112,12 @@ def run_levels(model: ChatGLMForConditionalGeneration, levels: list[int], prompt
 def table(levels: dict[str, dict]) -> str:
     """The figures of :func:`run_levels` as a text table, with ratios against one stream."""
     one = levels.get("1")
-    lines = ["streams  aggregate tok/s  per-stream tok/s  TTFT p50 / p99 s  longest stall s  vs 1 stream (agg / per)"
-             "  (medians of the rounds)"]
+    lines = ["streams  aggregate tok/s  per-stream tok/s  TTFT p50 / p99 s  longest stall s  cores used  "
+             "vs 1 stream (agg / per)  (medians of the rounds)"]
     for n, r in levels.items():
         ratio = (f"{r['aggregate_tokens_per_s'] / one['aggregate_tokens_per_s']:.2f}x / "
                  f"{r['per_stream_tokens_per_s'] / one['per_stream_tokens_per_s']:.2f}x") if one else "-"
         lines.append(f"{n:>7}  {r['aggregate_tokens_per_s']:15.2f}  {r['per_stream_tokens_per_s']:16.2f}  "
-                     f"{r['ttft_p50_s']:7.2f} / {r['ttft_p99_s']:6.2f}  {r['longest_stall_s']:15.2f}  {ratio}")
+                     f"{r['ttft_p50_s']:7.2f} / {r['ttft_p99_s']:6.2f}  {r['longest_stall_s']:15.2f}  "
+                     f"{r.get('cores_used', float('nan')):10.2f}  {ratio}")
     return "\n".join(lines)
