@@ -148,3 +148,44 @@ def test_min_tokens_masks_the_stop_ids_until_reached():
         picks.append(int(token))
         record(history, token)
     assert picks == [2, 2, 1]
+
+
+def _row_by_row(scaled: torch.Tensor, rows, generators) -> torch.Tensor:
+    """The CPU draw written one row at a time over plain ops (the definition the batched candidate
+    search must reproduce bit for bit, draws taken in row order)."""
+    out = []
+    for b, gen in enumerate(generators):
+        x = scaled[b]
+        if not bool(torch.isfinite(x).all()):
+            out.append(0)
+            continue
+        k = int(rows.top_k[b, 0])
+        ids = torch.arange(x.numel()) if k <= 0 or k >= x.numel() else \
+            torch.nonzero(x >= torch.topk(x, k).values[-1]).flatten()
+        vals, order = torch.sort(x[ids], descending=True, stable=True)
+        keep = filter_sorted(vals[None], torch.zeros(1, 1, dtype=torch.long), rows.top_p[b:b + 1])[0]
+        probs = vals.masked_fill(~keep, float("-inf")).softmax(-1)
+        out.append(int(ids[order[sampling._race(probs, gen)]]))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-generators", "one-shared-generator"])
+def test_batched_candidates_draw_exactly_what_each_row_draws_alone(shared):
+    """Mixed k (off, 1, ties at the k-th, k >= V), top-p, -inf and NaN rows: the same tokens as the
+    row-by-row definition, with the generators consumed in row order."""
+    gen = torch.Generator().manual_seed(21)
+    V = 300
+    logits = (torch.randn(6, V, generator=gen) * 3).round() / 2  # many ties
+    logits[1, 7] = float("-inf")
+    logits[4, 0] = float("nan")
+    params = [SamplingParams(0.8, 0.8, 50), SamplingParams(1.0, 1.0, 0), SamplingParams(0.7, 0.5, 1),
+              SamplingParams(1.3, 0.95, 5), SamplingParams(1.0, 0.9, 20), SamplingParams(0.9, 0.0, V + 2)]
+    rows = row_params(params, CPU)
+    scaled = logits / rows.temperature
+    for step in range(12):
+        def gens():
+            seeds = [step] * 6 if shared else [100 * step + b for b in range(6)]
+            one = torch.Generator().manual_seed(seeds[0])
+            return [one] * 6 if shared else [torch.Generator().manual_seed(s) for s in seeds]
+        got = sampling.sample_candidates(scaled, rows, gens())
+        assert got.tolist() == _row_by_row(scaled, rows, gens()).tolist()

@@ -154,3 +154,30 @@ def test_many_mixed_requests_leak_no_slot(model):
     finally:
         scheduler.close()
     assert cache_usage().live == before
+
+
+def test_a_row_that_sits_out_and_rejoins_carries_its_history(model, scheduler):
+    """The batch's tensors are rebuilt whenever its rows change: penalties that read each row's
+    tokens so far still see all of them after the row sat out (an unread stream) and came back."""
+    pen = SamplingParams(0.9, 0.9, 40, 1.3, presence_penalty=0.4, frequency_penalty=0.3)
+    want_a, want_b = solo(model, PROMPTS[0], 30, pen, seed=3), solo(model, PROMPTS[2], 30, pen, seed=4)
+    a, b = submit(scheduler, PROMPTS[0], 30, pen, seed=3), submit(scheduler, PROMPTS[2], 30, pen, seed=4)
+    got_a = [next(a) for _ in range(16)]  # b is unread meanwhile: MAX_AHEAD tokens, then it sits out
+    got_b = []
+    reader = threading.Thread(target=lambda: got_b.extend(b))
+    reader.start()
+    got_a += list(a)
+    reader.join()
+    assert got_a == want_a and got_b == want_b
+    assert {1, 2} <= set(scheduler.stats.batch_sizes)
+
+
+def test_token_times_are_the_engine_steps(model, scheduler):
+    a, b = submit(scheduler, PROMPTS[0], 12), submit(scheduler, PROMPTS[1], 12)
+    reader = threading.Thread(target=lambda: list(b))
+    reader.start()
+    list(a)
+    reader.join()
+    assert len(a.times) == len(b.times) == 12
+    assert a.times == sorted(a.times) and b.times == sorted(b.times)
+    assert len(set(a.times) & set(b.times)) >= 8, "the rows of one decode step should share its time"

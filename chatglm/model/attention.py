@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from .cache import RowCaches
+
 
 def _repeat_groups(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, G, L, D]`` -> ``[B, heads, L, D]``: one copy per query head of the chunk's keys and values."""
@@ -56,6 +58,25 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: 
     out = F.scaled_dot_product_attention(q.reshape(B, G, H // G, D), k, v, attn_mask=visible[:, None, None, :],
                                          scale=1.0 / math.sqrt(D))
     return out.reshape(B, H, 1, D)
+
+
+def row_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowCaches,
+                        layer: int) -> torch.Tensor:
+    """One new token per row, row ``b`` over its own cache (:class:`RowCaches`): its ``k, v`` are
+    written at position ``rows.lengths[b]`` and it attends to positions ``0 .. lengths[b]``.
+    ``q [B, H, 1, D]``, ``k, v [B, G, 1, D]`` -> ``[B, H, 1, D]``. Each row computes exactly what
+    :func:`token_attention` computes for it alone (the same SDPA call on the same values, with the
+    float mask SDPA derives from an all-true boolean one), with the per-row tensor ops kept few."""
+    B, H, _, D = q.shape
+    G = k.shape[1]
+    queries, ks, vs = q.reshape(B, G, H // G, D).split(1), k.split(1), v.split(1)
+    scale = 1.0 / math.sqrt(D)
+    out = []
+    for b, (cache, n) in enumerate(zip(rows.caches, rows.lengths)):
+        keys, values = cache.append(layer, n, ks[b], vs[b])
+        mask = rows.masks[b] if rows.masks[b].dtype == q.dtype else rows.masks[b].to(q.dtype)
+        out.append(F.scaled_dot_product_attention(queries[b], keys, values, attn_mask=mask, scale=scale))
+    return torch.cat(out).view(B, H, 1, D)
 
 
 def attention_peak_bytes(chunk: int, length: int, heads: int, groups: int, head_dim: int, dtype_bytes: int,

@@ -75,6 +75,7 @@ class KVCache:
             self.released = True
             _live -= 1
             _live_bytes -= self._nbytes
+        self.__dict__.pop("_layers", None)  # views that would keep the tensors alive
         del self.k, self.v
 
     def __del__(self) -> None:
@@ -107,6 +108,19 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def append(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one token ``k, v [1, G, 1, D]`` at position ``pos`` of a one-row cache; return the
+        keys and values of positions ``0 .. pos``. The same values as :meth:`write_span`, with fewer
+        tensor ops: a decode step calls this once per row and layer."""
+        layers = self.__dict__.get("_layers")
+        if layers is None:
+            self._check()
+            layers = self._layers = (self.k.unbind(0), self.v.unbind(0))
+        keys, values = layers[0][layer], layers[1][layer]
+        keys.narrow(2, pos, 1).copy_(k)
+        values.narrow(2, pos, 1).copy_(v)
+        return keys.narrow(2, 0, pos + 1), values.narrow(2, 0, pos + 1)
+
     def write_rows(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one token per row, ``k, v [B, G, 1, D]``, at that row's position ``input_pos [B, 1]``
@@ -122,14 +136,21 @@ class KVCache:
 class RowCaches:
     """One-token steps for rows that each own a cache of their own size (concurrent requests):
     row ``b`` writes into ``caches[b]`` at position ``lengths[b]`` and attends to its positions
-    ``0 .. lengths[b]``. The linear layers still run once for all rows; only attention is per row."""
+    ``0 .. lengths[b]``. The linear layers still run once for all rows; only attention is per row.
+
+    ``masks[b]`` is row ``b``'s attention mask ``[1, 1, 1, lengths[b] + 1]`` in the caches' dtype: all
+    zeros (every position written so far is visible), what SDPA makes of an all-true boolean mask,
+    built once per step for every layer."""
 
     def __init__(self, caches: list[KVCache], lengths: list[int]):
         if len(caches) != len(lengths) or not caches:
             raise ValueError(f"RowCaches needs one length per cache, got {len(caches)} caches, {len(lengths)} lengths")
         for c, n in zip(caches, lengths):
+            c._check()
             if c.batch != 1 or not 0 <= n < c.capacity:
                 raise ValueError(f"a row cache must hold one row with room at position {n} (capacity {c.capacity})")
         self.caches, self.lengths = caches, lengths
         self.batch = len(caches)
         self.capacity = max(c.capacity for c in caches)
+        zeros = torch.zeros(1, 1, 1, max(lengths) + 1, dtype=caches[0].k.dtype, device=caches[0].k.device)
+        self.masks = [zeros[..., :n + 1] for n in lengths]

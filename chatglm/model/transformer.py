@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import chunk_attention, prompt_attention, token_attention
+from .attention import chunk_attention, prompt_attention, row_token_attention, token_attention
 from .cache import KVCache, RowCaches
 from ..config import ChatGLMConfig
 
@@ -92,8 +92,7 @@ class SelfAttention(nn.Module):
         if cache is None:
             out = prompt_attention(q, k, v)
         elif isinstance(cache, RowCaches):
-            out = torch.cat([self._row_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], c, n, layer)
-                             for b, (c, n) in enumerate(zip(cache.caches, cache.lengths))])
+            out = row_token_attention(q, k, v, cache, layer)
         elif step.visible is not None:  # one token per row, written at each row's own position
             keys, values = cache.write_rows(layer, step.input_pos, k, v)
             span = step.span or cache.capacity
@@ -102,12 +101,6 @@ class SelfAttention(nn.Module):
             keys, values = cache.write_span(layer, step.start, k, v)
             out = prompt_attention(q, k, v) if step.start == 0 else chunk_attention(q, keys, values)
         return self.dense(out.transpose(1, 2).reshape(B, S, q_size))
-
-    @staticmethod
-    def _row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, length: int,
-                       layer: int) -> torch.Tensor:
-        keys, values = cache.write_span(layer, length, k, v)  # positions 0 .. length, all written
-        return token_attention(q, keys, values, torch.ones(1, length + 1, dtype=torch.bool, device=q.device))
 
 
 class MLP(nn.Module):

@@ -98,6 +98,12 @@ class History(NamedTuple):
     counts: torch.Tensor | None  # float32 [B, V]: generated ids (presence / frequency penalties)
     produced: torch.Tensor  # long [B, 1]: tokens generated
 
+    def row(self, i: int) -> "History":
+        """Row ``i`` as a one-row history sharing this one's memory (updates show in both)."""
+        def view(t):
+            return None if t is None else t[i:i + 1]
+        return History(view(self.seen), view(self.counts), self.produced[i:i + 1])
+
 
 def new_history(prompts: Sequence[Sequence[int]], vocab_size: int, device: torch.device, seen: bool,
                 counts: bool) -> History:
@@ -212,20 +218,55 @@ def sample_sorted(scaled: torch.Tensor, rows: RowParams, generators: Sequence[to
     return order.gather(-1, picks[:, None]).squeeze(-1)
 
 
+def _draw(vals: torch.Tensor, ids: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One row's draw over its candidates: ``vals`` descending (ties in id order), ``ids`` theirs,
+    top-p then the race."""
+    keep = filter_sorted(vals[None], torch.zeros(1, 1, dtype=torch.long, device=vals.device), top_p)[0]
+    probs = vals.masked_fill(~keep, float("-inf")).softmax(-1)
+    return ids[_race(probs, generator)]
+
+
 def sample_candidates(scaled: torch.Tensor, rows: RowParams, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """The same draw row by row over the top-k candidates only (every id tied with the k-th
-    included, in id order, then stably sorted): on CPU this costs a fraction of sorting the whole
-    vocabulary. It reads each row's k and the candidate count on the host."""
-    out = []
-    for b, gen in enumerate(generators):
-        x = scaled[b]
-        if not bool(torch.isfinite(x).all()):  # reported as NON_FINITE by the caller
-            out.append(torch.zeros((), dtype=torch.long))
-            continue
-        k = int(rows.top_k[b, 0])
-        ids = torch.arange(x.numel()) if k <= 0 or k >= x.numel() else torch.nonzero(x >= torch.topk(x, k).values[-1]).flatten()
-        vals, order = torch.sort(x[ids], descending=True, stable=True)
-        keep = filter_sorted(vals[None], torch.zeros_like(rows.top_k[b:b + 1]), rows.top_p[b:b + 1])[0]
-        probs = vals.masked_fill(~keep, float("-inf")).softmax(-1)
-        out.append(ids[order[_race(probs, gen)]])
-    return torch.stack(out)
+    """The same draw over the top-k candidates only (every id tied with the k-th included, stably
+    sorted so that ties stay in id order): on CPU this costs a fraction of sorting the whole
+    vocabulary. Finding the candidates and sorting them is one set of ops for all rows; each row's
+    top-p, softmax and race then run on its own candidates, the same ops on the same values as for
+    that row alone (so a seeded row draws the same token in any batch). Reads each row's k and
+    candidate count on the host."""
+    B, V = scaled.shape
+    out = torch.zeros(B, dtype=torch.long, device=scaled.device)  # rows left at 0 are reported NON_FINITE
+    finite = torch.isfinite(scaled).all(dim=-1).tolist()
+    ks = rows.top_k.view(-1).tolist()
+    narrow = [b for b in range(B) if finite[b] and 0 < ks[b] < V]
+    slot = {b: i for i, b in enumerate(narrow)}
+    if narrow:
+        vals, cand, counts = _top_k_candidates(scaled, rows.top_k, narrow)
+    for b in range(B):  # in row order: rows may share a generator
+        if b in slot:
+            i = slot[b]
+            out[b] = _draw(vals[i, :counts[i]], cand[i, :counts[i]], rows.top_p[b:b + 1], generators[b])
+        elif finite[b]:  # top-k off: every id is a candidate
+            row_vals, order = torch.sort(scaled[b], descending=True, stable=True)
+            out[b] = _draw(row_vals, order, rows.top_p[b:b + 1], generators[b])
+    return out
+
+
+def _top_k_candidates(scaled: torch.Tensor, top_k: torch.Tensor,
+                      rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """For ``rows`` of ``scaled`` (finite, ``0 < k < V``): the values of every id at or above the
+    row's k-th largest, sorted descending with ties in id order, their ids, both ``[len(rows), C]``
+    padded with -inf after each row's own count, and the counts."""
+    index = torch.tensor(rows, dtype=torch.long, device=scaled.device)
+    x = scaled if len(rows) == scaled.shape[0] else scaled.index_select(0, index)
+    k = top_k.index_select(0, index)
+    kth = torch.topk(x, int(k.max()), dim=-1).values.gather(1, k - 1)
+    row, ids = torch.nonzero(x >= kth, as_tuple=True)  # row-major: each row's ids ascending
+    counts = torch.bincount(row, minlength=len(rows))
+    col = torch.arange(row.numel(), device=x.device) - (counts.cumsum(0) - counts)[row]
+    width = int(counts.max())
+    padded = x.new_full((len(rows), width), float("-inf"))
+    padded[row, col] = x[row, ids]
+    cand = torch.zeros(len(rows), width, dtype=torch.long, device=x.device)
+    cand[row, col] = ids
+    vals, order = torch.sort(padded, dim=-1, descending=True, stable=True)  # the padding sorts last
+    return vals, cand.gather(1, order), counts.tolist()

@@ -4,7 +4,8 @@ The engine thread owns the model. Each iteration it admits waiting requests into
 with a KV cache sized to its own prompt + max_new_tokens), runs one prefill chunk of the oldest
 request still reading its prompt, then one decode step for every request that is generating: the
 linear layers read the weights once for all rows (:class:`~chatglm.model.cache.RowCaches`), each
-row samples with its own parameters and generator. Requests join and leave at step boundaries;
+row samples with its own parameters and generator; the step's tensors (:class:`~.batch.DecodeBatch`)
+are built when its rows change, not every step. Requests join and leave at step boundaries;
 one that finishes, fails or is cancelled frees its slot before the next step. Prompts are read in
 chunks of ``prefill_chunk`` tokens between decode steps, so running streams keep flowing while a
 long prompt is read (the longest gap between two tokens of a stream is reported in ``stats``).
@@ -25,9 +26,9 @@ import torch
 
 from ..model.cache import KVCache, RowCaches
 from ..model.transformer import ChatGLMForConditionalGeneration
+from .batch import DecodeBatch
 from .generation import non_finite_error
-from .sampling import NON_FINITE, History, SamplingParams, new_history, next_tokens, record, row_params, \
-    stack_histories
+from .sampling import NON_FINITE, History, SamplingParams, new_history, next_tokens, record, row_params
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class _Sequence:
         self.read = 0  # prompt tokens prefilled
         self.token: int | None = None  # the last token, not yet written to the cache
         self.produced = 0
-        self.last_emit: float | None = None
+        self.times: list[float] = []  # engine clock (time.perf_counter) when each emitted token was sampled
 
 
 class TokenStream:
@@ -99,6 +100,12 @@ class TokenStream:
 
     def __iter__(self) -> Iterator[int]:
         return self
+
+    @property
+    def times(self) -> list[float]:
+        """When the engine sampled each token emitted so far (``time.perf_counter``): tokens of one
+        decode step share one time, so throughput counts by step, not by when a reader woke up."""
+        return list(self._seq.times)
 
     def __next__(self) -> int:
         item = self._seq.out.get()
@@ -139,6 +146,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
+        self._batch: DecodeBatch | None = None  # the rows of the last decode step (engine thread only)
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="chatglm-engine", daemon=True)
@@ -234,6 +242,8 @@ class Scheduler:
         decoding = [s for s in self._active if s.token is not None and s.out.qsize() < MAX_AHEAD]
         if decoding:
             self._decode(decoding)
+        else:
+            self._batch = None  # nothing to carry over; let finished requests go
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
         try:
@@ -253,7 +263,7 @@ class Scheduler:
         if seq.read == len(seq.prompt):
             token = next_tokens(logits, row_params([seq.params], self.device), seq.history, [seq.generator],
                                 self.vocab_limit, self._stops(seq))
-            self._accept(seq, int(token[0]))
+            self._accept(seq, int(token[0]), time.perf_counter())
 
     def _stops(self, seq: _Sequence) -> torch.Tensor | None:
         if not seq.params.min_tokens or not seq.stops:
@@ -262,35 +272,36 @@ class Scheduler:
 
     def _decode(self, rows: list[_Sequence]) -> None:
         started = time.perf_counter()
-        x = torch.tensor([[s.token] for s in rows], dtype=torch.long, device=self.device)
-        lengths = [len(s.prompt) + s.produced - 1 for s in rows]
-        pos = torch.tensor([[n] for n in lengths], dtype=torch.long, device=self.device)
-        for i, s in enumerate(rows):
-            record(s.history, x[i])
-        logits = self.model(x, pos, RowCaches([s.cache for s in rows], lengths), last_only=True)[:, -1]
-        stops = sorted(set().union(*(s.stops for s in rows if s.params.min_tokens)))
-        tokens = next_tokens(logits, row_params([s.params for s in rows], self.device),
-                             stack_histories([s.history for s in rows]), [s.generator for s in rows], self.vocab_limit,
-                             torch.tensor(stops, dtype=torch.long, device=self.device) if stops else None).tolist()
+        batch = self._batch
+        if batch is None or batch.rows != rows:
+            batch = self._batch = DecodeBatch(rows, self.device)
+        else:
+            batch.advance()
+        record(batch.history, batch.ids.view(-1))
+        caches = RowCaches([s.cache for s in rows], [len(s.prompt) + s.produced - 1 for s in rows])
+        logits = self.model(batch.ids, batch.pos, caches, last_only=True)[:, -1]
+        tokens = next_tokens(logits, batch.params, batch.history, [s.generator for s in rows], self.vocab_limit,
+                             batch.stops)
+        batch.tokens = tokens
+        now = time.perf_counter()
         self.stats.steps += 1
         self.stats.rows += len(rows)
         self.stats.batch_sizes[len(rows)] += 1
-        log.debug("decode step of %d rows in %.1f ms", len(rows), 1e3 * (time.perf_counter() - started))
-        for seq, token in zip(rows, tokens):
-            self._accept(seq, token)
+        log.debug("decode step of %d rows in %.1f ms", len(rows), 1e3 * (now - started))
+        for seq, token in zip(rows, tokens.tolist()):
+            self._accept(seq, token, now)
 
-    def _accept(self, seq: _Sequence, token: int) -> None:
-        """A new token of ``seq``: emit it, or end the request."""
+    def _accept(self, seq: _Sequence, token: int, now: float) -> None:
+        """A new token of ``seq``, sampled at ``now`` (the end of its step): emit it, or end the request."""
         if seq.cancelled.is_set():
             return self._finish(seq, "cancelled")
         if token == NON_FINITE:
             return self._finish(seq, "failed", non_finite_error(seq.produced))
         if token in seq.stops:
             return self._finish(seq, "stop_token")
-        now = time.perf_counter()
-        if seq.last_emit is not None:
-            self.stats.longest_stall_s = max(self.stats.longest_stall_s, now - seq.last_emit)
-        seq.last_emit = now
+        if seq.times:
+            self.stats.longest_stall_s = max(self.stats.longest_stall_s, now - seq.times[-1])
+        seq.times.append(now)
         seq.out.put(token)
         seq.produced += 1
         seq.token = token
