@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -28,7 +27,8 @@ from ..model.cache import KVCache, RowCaches
 from ..model.transformer import ChatGLMForConditionalGeneration
 from .batch import DecodeBatch
 from .generation import non_finite_error
-from .sampling import NON_FINITE, History, SamplingParams, new_history, next_tokens, record, row_params
+from .request import MAX_AHEAD, End, Request, TokenStream
+from .sampling import NON_FINITE, SamplingParams, new_history, next_tokens, record, row_params
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ def cache_budget_bytes(device: torch.device) -> int:
     return int(info.get("MemAvailable", info.get("MemFree", 0)) * CACHE_BUDGET_FRACTION)
 
 
-MAX_AHEAD = 8
-"""Tokens a request may have waiting for its consumer; beyond that its row sits out the next steps
-(so a slow reader, or one that stopped reading, costs no decode work and cancels take effect at once)."""
-
 
 class AtCapacityError(RuntimeError):
     """Every slot is busy and the waiting queue is full."""
@@ -70,62 +66,6 @@ class SchedulerStats:
     cancelled: int = 0
     failed: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
-
-
-class _End:
-    def __init__(self, reason: str, error: BaseException | None = None):
-        self.reason, self.error = reason, error
-
-
-class _Sequence:
-    def __init__(self, ids: list[int], max_new: int, params: SamplingParams, stops: set[int],
-                 generator: torch.Generator | None):
-        self.prompt, self.max_new, self.params, self.stops, self.generator = ids, max_new, params, stops, generator
-        self.out: queue.Queue = queue.Queue()
-        self.cancelled = threading.Event()
-        self.cache: KVCache | None = None
-        self.history: History | None = None
-        self.read = 0  # prompt tokens prefilled
-        self.token: int | None = None  # the last token, not yet written to the cache
-        self.produced = 0
-        self.times: list[float] = []  # engine clock (time.perf_counter) when each emitted token was sampled
-
-
-class TokenStream:
-    """The token ids of one request, as the engine produces them. ``close()`` cancels it."""
-
-    def __init__(self, seq: _Sequence, scheduler: "Scheduler"):
-        self._seq, self._scheduler = seq, scheduler
-        self.reason = ""
-
-    def __iter__(self) -> Iterator[int]:
-        return self
-
-    @property
-    def times(self) -> list[float]:
-        """When the engine sampled each token emitted so far (``time.perf_counter``): tokens of one
-        decode step share one time, so throughput counts by step, not by when a reader woke up."""
-        return list(self._seq.times)
-
-    def __next__(self) -> int:
-        item = self._seq.out.get()
-        if self._seq.out.qsize() < MAX_AHEAD // 2:
-            self._scheduler._wake()  # the engine may be holding this row back
-        if isinstance(item, _End):
-            self._seq.out.put(item)  # later calls end too
-            self.reason = item.reason
-            if item.error is not None:
-                raise item.error
-            raise StopIteration
-        return item
-
-    def close(self) -> None:
-        if not self._seq.cancelled.is_set():
-            self._seq.cancelled.set()
-            self._scheduler._wake()
-
-    def __del__(self) -> None:
-        self.close()
 
 
 class Scheduler:
@@ -144,8 +84,8 @@ class Scheduler:
                                     * torch.empty(0, dtype=model.dtype).element_size())
         self.max_cache_bytes = max_cache_bytes
         self.stats = SchedulerStats()
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._active: list[_Sequence] = []
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
         self._batch: DecodeBatch | None = None  # the rows of the last decode step (engine thread only)
         self._cond = threading.Condition()
         self._closed = False
@@ -164,7 +104,7 @@ class Scheduler:
         if self.max_cache_bytes is not None and need > self.max_cache_bytes:
             raise AtCapacityError(f"this request needs a {need / 2**20:.0f} MiB KV cache but the service holds at most "
                                   f"{self.max_cache_bytes / 2**20:.0f} MiB; lower max_tokens or shorten the prompt")
-        seq = _Sequence(list(input_ids), max_new_tokens, params, set(stop_ids), generator)
+        seq = Request(list(input_ids), max_new_tokens, params, set(stop_ids), generator)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -175,7 +115,7 @@ class Scheduler:
                                       "retry shortly")
             self._waiting.append(seq)
             self._cond.notify()
-        return TokenStream(seq, self)
+        return TokenStream(seq, self._wake)
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests now."""
@@ -224,7 +164,7 @@ class Scheduler:
     def _admit(self) -> None:
         for seq in [s for s in self._waiting if s.cancelled.is_set()]:
             self._waiting.remove(seq)
-            self._end(seq, _End("cancelled"))
+            self._end(seq, End("cancelled"))
         while self._waiting and len(self._active) < self.max_batch:
             seq = self._waiting[0]
             need = (len(seq.prompt) + seq.max_new) * self._bytes_per_position
@@ -245,7 +185,7 @@ class Scheduler:
         else:
             self._batch = None  # nothing to carry over; let finished requests go
 
-    def _prefill_chunk(self, seq: _Sequence) -> None:
+    def _prefill_chunk(self, seq: Request) -> None:
         try:
             if seq.cache is None:
                 seq.cache = KVCache(self.model.config, 1, len(seq.prompt) + seq.max_new, self.device, self.model.dtype)
@@ -265,12 +205,12 @@ class Scheduler:
                                 self.vocab_limit, self._stops(seq))
             self._accept(seq, int(token[0]), time.perf_counter())
 
-    def _stops(self, seq: _Sequence) -> torch.Tensor | None:
+    def _stops(self, seq: Request) -> torch.Tensor | None:
         if not seq.params.min_tokens or not seq.stops:
             return None
         return torch.tensor(sorted(seq.stops), dtype=torch.long, device=self.device)
 
-    def _decode(self, rows: list[_Sequence]) -> None:
+    def _decode(self, rows: list[Request]) -> None:
         started = time.perf_counter()
         batch = self._batch
         if batch is None or batch.rows != rows:
@@ -291,7 +231,7 @@ class Scheduler:
         for seq, token in zip(rows, tokens.tolist()):
             self._accept(seq, token, now)
 
-    def _accept(self, seq: _Sequence, token: int, now: float) -> None:
+    def _accept(self, seq: Request, token: int, now: float) -> None:
         """A new token of ``seq``, sampled at ``now`` (the end of its step): emit it, or end the request."""
         if seq.cancelled.is_set():
             return self._finish(seq, "cancelled")
@@ -308,7 +248,7 @@ class Scheduler:
         if seq.produced >= seq.max_new:
             self._finish(seq, "max_tokens")
 
-    def _finish(self, seq: _Sequence, reason: str, error: BaseException | None = None) -> None:
+    def _finish(self, seq: Request, reason: str, error: BaseException | None = None) -> None:
         with self._cond:
             if seq in self._active:
                 self._active.remove(seq)
@@ -317,8 +257,8 @@ class Scheduler:
             seq.cache = None
         counter = reason if reason in ("cancelled", "failed") else "finished"
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-        self._end(seq, _End(reason, error))
+        self._end(seq, End(reason, error))
 
     @staticmethod
-    def _end(seq: _Sequence, end: _End) -> None:
+    def _end(seq: Request, end: End) -> None:
         seq.out.put(end)
