@@ -32,9 +32,11 @@ def _rows(n: int, d: int, scale: float, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("isa", _isas())
 def test_rms_norm_matches_torch_within_one_bf16_rounding(d, isa):
     x, w = _rows(5, d, 3.0, 0), _rows(1, d, 1.0, 1)[0]
-    got, want = cpu_fused.rms_norm(x, w, 1e-5, isa), _rms_torch(x, w, 1e-5)
-    assert got.dtype == torch.bfloat16 and got.shape == x.shape
-    torch.testing.assert_close(got.float(), want.float(), rtol=BF16_ULP, atol=1e-6)
+    want = _rms_torch(x, w, 1e-5)
+    for weight in (w, w.float()):
+        got = cpu_fused.rms_norm(x, weight, 1e-5, isa)
+        assert got.dtype == torch.bfloat16 and got.shape == x.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=BF16_ULP, atol=1e-6)
 
 
 @pytest.mark.parametrize("f", [13696, 13699, 5])
@@ -59,7 +61,9 @@ def test_swiglu_keeps_extremes_and_nan():
 @pytest.mark.skipif("avx512-vnni" not in native.supported_isas(), reason="this CPU has no AVX512-VNNI")
 def test_scalar_and_avx512_paths_agree_bit_for_bit():
     x, w = _rows(4, 4100, 5.0, 3), _rows(1, 4100, 1.0, 4)[0]
-    assert torch.equal(cpu_fused.rms_norm(x, w, 1e-5, "scalar"), cpu_fused.rms_norm(x, w, 1e-5, "avx512-vnni"))
+    for weight in (w, w.float()):  # the model's bfloat16 weight, and a float32 one
+        assert torch.equal(cpu_fused.rms_norm(x, weight, 1e-5, "scalar"),
+                           cpu_fused.rms_norm(x, weight, 1e-5, "avx512-vnni"))
     h = _rows(4, 2 * 13699, 6.0, 5)
     assert torch.equal(cpu_fused.swiglu(h, "scalar"), cpu_fused.swiglu(h, "avx512-vnni"))
 

@@ -44,17 +44,29 @@ inline float rms_scale(const float* lanes, int64_t d, double eps) {
   return 1.f / std::sqrt(sum / static_cast<float>(d) + static_cast<float>(eps));
 }
 
-void rms_row_scalar(const uint16_t* x, const float* w, uint16_t* y, int64_t d, double eps) {
+inline float weight_at(const float* w, int64_t i) { return w[i]; }
+inline float weight_at(const uint16_t* w, int64_t i) { return bf16_float(w[i]); }
+
+template <typename W>
+void rms_row_scalar(const uint16_t* x, const W* w, uint16_t* y, int64_t d, double eps) {
   float lanes[LANES] = {};
   for (int64_t i = 0; i < d; ++i) {
     const float v = bf16_float(x[i]);
     lanes[i % LANES] += v * v;
   }
   const float s = rms_scale(lanes, d, eps);
-  for (int64_t i = 0; i < d; ++i) y[i] = bf16_bits(w[i] * (bf16_float(x[i]) * s));
+  for (int64_t i = 0; i < d; ++i) y[i] = bf16_bits(weight_at(w, i) * (bf16_float(x[i]) * s));
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void rms_row_avx512(const uint16_t* x, const float* w,
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_weight(const float* w, __mmask16 keep) {
+  return _mm512_maskz_loadu_ps(keep, w);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load_weight(const uint16_t* w, __mmask16 keep) {
+  return load_bf16(w, keep);
+}
+
+template <typename W>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void rms_row_avx512(const uint16_t* x, const W* w,
                                                                         uint16_t* y, int64_t d, double eps) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < d; i += LANES) {
@@ -66,7 +78,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void rms_row_avx512(const u
   const __m512 s = _mm512_set1_ps(rms_scale(lanes, d, eps));
   for (int64_t i = 0; i < d; i += LANES) {
     const __mmask16 keep = tail_mask(d - i);
-    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, w + i), _mm512_mul_ps(load_bf16(x + i, keep), s));
+    const __m512 v = _mm512_mul_ps(load_weight(w + i, keep), _mm512_mul_ps(load_bf16(x + i, keep), s));
     store_bf16(y + i, v, keep);
   }
 }
@@ -144,15 +156,21 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, i
   check_bf16(x, "rms_norm: x");
   const int64_t d = x.size(-1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d, "rms_norm: weight must be [", d, "], got ", weight.sizes());
-  const at::Tensor xc = x.contiguous(), w = weight.to(at::kFloat).contiguous();
+  // A bfloat16 weight (the model's) is read as it is; any other dtype once converted to float32.
+  const bool w16 = weight.scalar_type() == at::kBFloat16;
+  const at::Tensor xc = x.contiguous(), w = (w16 ? weight : weight.to(at::kFloat)).contiguous();
   at::Tensor y = at::empty_like(xc);
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const bool avx512 = use_avx512(isa);
-  for (int64_t r = 0, rows = d ? xc.numel() / d : 0; r < rows; ++r) {
-    if (avx512) rms_row_avx512(xp + r * d, w.data_ptr<float>(), yp + r * d, d, eps);
-    else rms_row_scalar(xp + r * d, w.data_ptr<float>(), yp + r * d, d, eps);
-  }
+  auto rows_with = [&](const auto* wp) {
+    for (int64_t r = 0, rows = d ? xc.numel() / d : 0; r < rows; ++r) {
+      if (avx512) rms_row_avx512(xp + r * d, wp, yp + r * d, d, eps);
+      else rms_row_scalar(xp + r * d, wp, yp + r * d, d, eps);
+    }
+  };
+  if (w16) rows_with(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()));
+  else rows_with(w.data_ptr<float>());
   return y;
 }
 
