@@ -12,6 +12,7 @@ from torch import nn
 from .attention import chunk_attention, prompt_attention, row_token_attention, token_attention
 from .cache import KVCache, RowCaches
 from ..config import ChatGLMConfig
+from ..quant.kernels import cpu_fused
 
 
 class Step(NamedTuple):
@@ -31,6 +32,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_fused.applies(x):
+            return cpu_fused.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * x32).to(x.dtype)
@@ -110,7 +113,10 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # first half is the gate
+        h = self.dense_h_to_4h(x)
+        if cpu_fused.applies(h):
+            return self.dense_4h_to_h(cpu_fused.swiglu(h))
+        gate, up = h.chunk(2, dim=-1)  # first half is the gate
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 

@@ -10,7 +10,8 @@ Ops: ``int4_gemv(x[M, K], weight int8 [N, K/2], scale fp16 [N], isa)`` for M = 1
 ``int8_gemv(x, weight int8 [N, K], scale float32 [N], isa)`` (the output layer) and
 ``int4_unpack(weight, scale, r0, out)`` (int8 codes or dequantized rows, for prefill) and
 ``quantize_rows_int8(weight)`` (the output layer's int8 copy); ``stream_read(buf, prefetch)`` reads a
-buffer once with the kernels' loads (the benchmark's bandwidth probe).
+buffer once with the kernels' loads (the benchmark's bandwidth probe); ``rms_norm(x, weight, eps, isa)``
+and ``swiglu(x, isa)`` are the decode step's fused bfloat16 row ops (``cpu_fused``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("int4_gemv.cpp", "int8_head.cpp", "stream_read.cpp")
+SOURCES = ("int4_gemv.cpp", "int8_head.cpp", "stream_read.cpp", "fused_ops.cpp")
 HEADERS = ("common.h", "int4_avx2.inc")
 ISA_PATHS = {"scalar": 0, "avx2": 1, "avx-vnni": 2, "avx512-vnni": 3}
 """ISA paths by name, as the C++ ``Isa`` enum numbers them."""
