@@ -173,7 +173,10 @@ class Fuzzer:
             if loc[0] == "body" and len(loc) >= 2 and isinstance(case.body, dict):
                 assert loc[1] in case.body or isinstance(loc[1], int), f"422 names no field sent: {context}"
             if loc[:2] == ("body", "input") and len(loc) >= 3:
-                assert loc[2] in self.input_props, f"422 names an unknown input: {context}"
+                # coglet names an "input" that is not an object as its "__root__" (README: Errors and limits).
+                whole = loc[2] == "__root__" and self.server.runtime == "coglet" and isinstance(case.body, dict) \
+                    and not isinstance(case.body.get("input"), dict)
+                assert whole or loc[2] in self.input_props, f"422 names an unknown input: {context}"
         for loc in expected:
             assert any(found[:len(loc)] == loc for found in locations), f"422 does not name {loc}: {context}"
         self.seen["422 naming the field"] += 1
