@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from .safetensors_read import DTYPES, read_header
+from .safetensors_read import in_file_order, read_header
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,7 @@ class MappedSafetensors:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` in file order, each a view of the mapping with its pages faulted in. A
         tensor whose offset is not a multiple of its element size is copied (views must be aligned)."""
-        for key, entry in sorted(self.header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype, shape = DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
-            begin, end = (self.data_start + o for o in entry["data_offsets"])
+        for key, dtype, shape, begin, end in in_file_order(self.data_start, self.header):
             if end == begin:
                 yield key, torch.empty(shape, dtype=dtype)
                 continue

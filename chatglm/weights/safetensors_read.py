@@ -90,19 +90,25 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:80] + "..."
 
 
-def _read_tensor(f, data_start: int, key: str, entry: dict) -> torch.Tensor:
-    dtype, shape = DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
-    begin, end = entry["data_offsets"]
+def in_file_order(data_start: int, header: dict[str, dict]) -> Iterator[tuple[str, torch.dtype, list[int], int, int]]:
+    """``(name, dtype, shape, begin, end)`` of every entry of a checked header, by position in the file;
+    ``begin:end`` are the tensor's bytes from the start of the file."""
+    for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        begin, end = entry["data_offsets"]
+        yield key, DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]], data_start + begin, data_start + end
+
+
+def _read_tensor(f, key: str, dtype: torch.dtype, shape: list[int], begin: int, end: int) -> torch.Tensor:
     if end == begin:
         return torch.empty(shape, dtype=dtype)
     data = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
     view = memoryview((ctypes.c_char * (end - begin)).from_address(data.data_ptr())).cast("B")
-    f.seek(data_start + begin)
+    f.seek(begin)
     done = 0
     while done < len(view):
         n = f.readinto(view[done:])
         if not n:
-            raise SafetensorsFormatError(f"{key}: file ended after {data_start + begin + done} bytes")
+            raise SafetensorsFormatError(f"{key}: file ended after {begin + done} bytes")
         done += n
     return data.view(dtype).view(shape)
 
@@ -156,5 +162,5 @@ def _read_in_order(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     with open(path, "rb", buffering=0) as f:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
-        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            yield key, _read_tensor(f, start, key, entry)
+        for key, dtype, shape, begin, end in in_file_order(start, header):
+            yield key, _read_tensor(f, key, dtype, shape, begin, end)
