@@ -19,6 +19,12 @@ class Row(Protocol):
     produced: int
 
 
+def min_tokens_stops(rows: list[Row], device: torch.device) -> torch.Tensor | None:
+    """The stop ids that rows still under their ``min_tokens`` must not draw (None when there are none)."""
+    stops = sorted(set().union(*(s.stops for s in rows if s.params.min_tokens)))
+    return torch.tensor(stops, dtype=torch.long, device=device) if stops else None
+
+
 class DecodeBatch:
     """The device tensors of the rows that decode together, built when the rows change (one joins,
     leaves or sits out a step) and advanced in place while they stay the same: their sampling
@@ -28,8 +34,7 @@ class DecodeBatch:
     def __init__(self, rows: list[Row], device: torch.device):
         self.rows = list(rows)
         self.params = row_params([s.params for s in rows], device)
-        stops = sorted(set().union(*(s.stops for s in rows if s.params.min_tokens)))
-        self.stops = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
+        self.stops = min_tokens_stops(rows, device)
         self.ids = torch.tensor([[s.token] for s in rows], dtype=torch.long, device=device)
         self.pos = torch.tensor([[len(s.prompt) + s.produced - 1] for s in rows], dtype=torch.long, device=device)
         self.history = stack_histories([s.history for s in rows])

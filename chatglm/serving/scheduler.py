@@ -25,7 +25,7 @@ import torch
 
 from ..model.cache import KVCache, RowCaches
 from ..model.transformer import ChatGLMForConditionalGeneration
-from .batch import DecodeBatch
+from .batch import DecodeBatch, min_tokens_stops
 from .generation import non_finite_error
 from .request import MAX_AHEAD, End, Request, TokenStream
 from .sampling import NON_FINITE, SamplingParams, new_history, next_tokens, record, row_params
@@ -202,13 +202,8 @@ class Scheduler:
             return
         if seq.read == len(seq.prompt):
             token = next_tokens(logits, row_params([seq.params], self.device), seq.history, [seq.generator],
-                                self.vocab_limit, self._stops(seq))
+                                self.vocab_limit, min_tokens_stops([seq], self.device))
             self._accept(seq, int(token[0]), time.perf_counter())
-
-    def _stops(self, seq: Request) -> torch.Tensor | None:
-        if not seq.params.min_tokens or not seq.stops:
-            return None
-        return torch.tensor(sorted(seq.stops), dtype=torch.long, device=self.device)
 
     def _decode(self, rows: list[Request]) -> None:
         started = time.perf_counter()
