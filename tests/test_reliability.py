@@ -558,15 +558,22 @@ def test_cancel_over_http_stops_promptly(server: CogServer, webhooks: WebhookRec
     assert final["status"] == "canceled"
     pattern = r"(\d+) input tokens, (\d+) output tokens, stop: cancelled"
     match = re.search(pattern, final["logs"] or "")
+    in_response = match is not None
+    # cog 0.16 cancels a sync predictor with a signal. One that lands in cog's own loop, between two
+    # chunks, ends the prediction before predict()'s cleanup runs, so its line reaches only the
+    # server's log and its metrics are lost (README, "Errors and limits").
     deadline = time.monotonic() + 5
-    while match is None and time.monotonic() < deadline:  # under load the line can miss the final webhook
+    while match is None and time.monotonic() < deadline:
         time.sleep(0.1)
         match = re.search(pattern, server.log_tail(20000))
     assert match, final["logs"]
     produced = int(match.group(2))
-    assert final["metrics"]["output_token_count"] == produced
     assert len(final["output"]) <= produced < 4000
-    rate = final["metrics"]["tokens_per_second"] or 1.0
+    if in_response or server.runtime == "coglet":
+        assert final["metrics"]["output_token_count"] == produced
+    else:
+        assert "output_token_count" not in (final.get("metrics") or {})
+    rate = (final.get("metrics") or {}).get("tokens_per_second") or 1.0
     print(f"\ncancel: {latency * 1000:.0f} ms from the cancel request to 'canceled'; {produced} tokens in all, "
           f"{produced - seen} after the last output seen before cancelling ({rate:.0f} tokens/s)")
     assert latency < 5.0
