@@ -27,6 +27,7 @@ from ..model.cache import KVCache, RowCaches
 from ..model.transformer import ChatGLMForConditionalGeneration
 from .batch import DecodeBatch, min_tokens_stops
 from .generation import non_finite_error
+from .openmp import release_thread_pool
 from .request import MAX_AHEAD, End, Request, TokenStream
 from .sampling import NON_FINITE, SamplingParams, new_history, next_tokens, record, row_params
 
@@ -89,6 +90,8 @@ class Scheduler:
         self._batch: DecodeBatch | None = None  # the rows of the last decode step (engine thread only)
         self._cond = threading.Condition()
         self._closed = False
+        if self.device.type == "cpu":
+            release_thread_pool()  # from here on the engine thread runs the model (see .openmp)
         self._thread = threading.Thread(target=self._run, name="chatglm-engine", daemon=True)
         self._thread.start()
 
