@@ -13,6 +13,7 @@ from cog import BasePredictor, ConcatenateIterator, Input, current_scope
 
 from chatglm import GenerationStats, Pipeline
 from chatglm.serving.inputs import build_request, check_min_tokens, integer_input, number_input
+from chatglm.serving.openmp import release_thread_pool
 
 try:
     from cog import CancelationException  # cog >= 0.17 (coglet)
@@ -36,6 +37,7 @@ class Predictor(BasePredictor):
         warm = self.pipe.warmup()
         print(f"setup: {self.pipe.family} from {weights} in {time.perf_counter() - started:.1f} s "
               f"(warm-up {warm:.1f} s)")
+        release_thread_pool()  # predictions may run on other threads (coglet: a new one each time)
 
     def predict(
         self,
@@ -117,6 +119,8 @@ class Predictor(BasePredictor):
             print(f"seed: {stats.seed}; {stats.input_tokens} input tokens, {stats.output_tokens} output "
                   f"tokens, stop: {outcome}")
             _record_metrics(stats)
+            # One live OpenMP pool at a time: the next prediction may come on another thread.
+            release_thread_pool()
 
 
 def _given(value: Any) -> Any:

@@ -85,3 +85,16 @@ def test_bench_concurrency_writes_the_documented_keys(tmp_path):
     for figures in levels.values():
         assert {"aggregate_tokens_per_s", "per_stream_tokens_per_s", "ttft_p50_s", "ttft_p99_s"} <= set(figures)
         assert figures["aggregate_tokens_per_s"] > 0 and figures["ttft_p99_s"] >= figures["ttft_p50_s"] > 0
+
+
+def test_thread_pool_bench_times_every_arrangement_on_a_tiny_shape(tmp_path):
+    from chatglm.bench import threads
+    from chatglm.bench.measure import ModelRun
+    model = ModelRun(ensure_checkpoint(tmp_path, "tiny"), torch.device("cpu"), torch.float32, "auto").model
+    result = threads.measure(model, rounds=2)
+    assert set(result) == {"loading thread", "other thread, pool alive", "other thread, pool released"}
+    assert all(math.isfinite(s) and s > 0 for s in result.values())
+    cmd = [sys.executable, "-m", "chatglm.bench.threads", "--shape", "tiny", "--cache-dir", str(tmp_path), "--rounds", "1"]
+    shown = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "other thread, pool released" in shown.stdout and "1.00x released" in shown.stdout

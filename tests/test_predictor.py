@@ -287,3 +287,16 @@ def test_bad_inputs_raise_value_error_naming_the_field(request: pytest.FixtureRe
         predict_text(predictor, max_tokens=4, **inputs)
     for word in words:
         assert word in str(info.value)
+
+
+def test_each_prediction_releases_its_threads_openmp_pool(predictor2: Any, monkeypatch) -> None:
+    """coglet runs each predict() on a new thread: each must leave no OpenMP pool behind, also when
+    it fails (see chatglm/serving/openmp.py)."""
+    import predict
+    calls: list[str] = []
+    monkeypatch.setattr(predict, "release_thread_pool", lambda: calls.append("released"))
+    predict_chunks(predictor2, prompt="你好", max_tokens=3)
+    assert calls == ["released"]
+    with pytest.raises(Exception, match="prompt"):
+        predict_chunks(predictor2, prompt="   ")
+    assert calls == ["released", "released"]

@@ -19,10 +19,9 @@ import torch
 from ..weights.checkpoint import CheckpointError, find_weight_files
 from ..quant.dispatch import default_dtype
 from . import concurrency, kernels, measure
-from .randomckpt import SHAPES, ensure_checkpoint
+from .randomckpt import DEFAULT_CACHE, SHAPES, ensure_checkpoint
 from .report import summarize, table
 
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatglm-bench"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

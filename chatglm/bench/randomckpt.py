@@ -8,6 +8,7 @@ so activations stay finite through all layers.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ SHAPES: dict[str, dict] = {
              "seq_length": 4096},
 }
 _CODE_STD = 4.6  # standard deviation of a code uniform over -8..7
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatglm-bench"
+"""Where random checkpoints are built once and kept."""
 FORMAT_VERSION = 1  # bump when the files written here change, so cached checkpoints are rebuilt
 
 
