@@ -10,7 +10,7 @@ import torch
 
 from chatglm.serving import sampling
 from chatglm.serving.sampling import NON_FINITE, SamplingParams, apply_repetition_penalty, filter_sorted, History, \
-    new_history, next_tokens, record, row_params
+    min_tokens_stop_ids, new_history, next_tokens, record, row_params
 
 CPU = torch.device("cpu")
 
@@ -189,3 +189,10 @@ def test_batched_candidates_draw_exactly_what_each_row_draws_alone(shared):
             return [one] * 6 if shared else [torch.Generator().manual_seed(s) for s in seeds]
         got = sampling.sample_candidates(scaled, rows, gens())
         assert got.tolist() == _row_by_row(scaled, rows, gens()).tolist()
+
+
+def test_min_tokens_stop_ids_are_the_sorted_union_or_none():
+    got = min_tokens_stop_ids([{2, 64795}, {2}, {31}], CPU)
+    assert got.dtype == torch.long and got.tolist() == [2, 31, 64795]
+    assert min_tokens_stop_ids([], CPU) is None
+    assert min_tokens_stop_ids([set()], CPU) is None  # under min_tokens, but nothing to hold back

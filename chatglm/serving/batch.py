@@ -5,7 +5,7 @@ from typing import Protocol
 
 import torch
 
-from .sampling import History, SamplingParams, row_params, stack_histories
+from .sampling import History, SamplingParams, min_tokens_stop_ids, row_params, stack_histories
 
 
 class Row(Protocol):
@@ -21,8 +21,7 @@ class Row(Protocol):
 
 def min_tokens_stops(rows: list[Row], device: torch.device) -> torch.Tensor | None:
     """The stop ids that rows still under their ``min_tokens`` must not draw (None when there are none)."""
-    stops = sorted(set().union(*(s.stops for s in rows if s.params.min_tokens)))
-    return torch.tensor(stops, dtype=torch.long, device=device) if stops else None
+    return min_tokens_stop_ids((s.stops for s in rows if s.params.min_tokens), device)
 
 
 class DecodeBatch:

@@ -11,7 +11,7 @@ import torch
 
 from ..model.decoder import DecoderPool
 from ..model.transformer import ChatGLMForConditionalGeneration
-from .sampling import NON_FINITE, SamplingParams, new_history, next_tokens, record, row_params
+from .sampling import NON_FINITE, SamplingParams, min_tokens_stop_ids, new_history, next_tokens, record, row_params
 
 log = logging.getLogger(__name__)
 PREFILL_CHUNK = 1024
@@ -101,7 +101,7 @@ def generate_ids(model: ChatGLMForConditionalGeneration, input_ids: list[int], m
     rows = row_params([params], device)
     reader = TokenReader(device)
     history = new_history([input_ids], model.config.padded_vocab_size, device, rows.any_penalty, rows.any_counts)
-    stop_tensor = torch.tensor(sorted(stops), dtype=torch.long, device=device) if params.min_tokens else None
+    stop_tensor = min_tokens_stop_ids([stops] if params.min_tokens else [], device)
     # Inference mode is entered around each computation and left before each yield: a suspended
     # generator must not leave the caller's thread in inference mode.
     try:

@@ -10,7 +10,7 @@ beside others on the same device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -181,6 +181,13 @@ def filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch
     keep &= mass_before < top_p
     keep[:, 0] = True  # the most likely token always stays (top_p = 0 keeps only it)
     return keep
+
+
+def min_tokens_stop_ids(stop_sets: Iterable[Iterable[int]], device: torch.device) -> torch.Tensor | None:
+    """The stop ids of the rows still under their ``min_tokens`` (one set per such row), as the
+    ``stop_ids`` of :func:`next_tokens`; None when there are none."""
+    stops = sorted(set().union(*stop_sets))
+    return torch.tensor(stops, dtype=torch.long, device=device) if stops else None
 
 
 def next_tokens(logits: torch.Tensor, rows: RowParams, history: History | None,
