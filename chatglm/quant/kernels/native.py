@@ -1,4 +1,4 @@
-"""Our C++ CPU kernels (``csrc/int4_gemv.cpp``), built on first use and registered as ``torch.ops.chatglm``.
+"""Our C++ CPU kernels (``csrc/*.cpp``), built on first use and registered as ``torch.ops.chatglm``.
 
 The extension is compiled once per source version by ``torch.utils.cpp_extension.load`` (ninja, cached
 under ``CHATGLM_EXT_DIR`` or torch's extension directory) with portable flags: each ISA path carries
@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("int4_gemv.cpp", "int8_head.cpp", "stream_read.cpp", "fused_ops.cpp")
+SOURCES = ("int4_gemv.cpp", "int4_unpack.cpp", "int8_head.cpp", "stream_read.cpp", "fused_ops.cpp")
 HEADERS = ("common.h", "int4_avx2.inc")
 ISA_PATHS = {"scalar": 0, "avx2": 1, "avx-vnni": 2, "avx512-vnni": 3}
 """ISA paths by name, as the C++ ``Isa`` enum numbers them."""
