@@ -160,15 +160,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void int4
   }
 }
 
-// U accumulator sets (for few rows) break the dependency chains of the dot products; the software
-// prefetch runs ahead across the 4 KiB pages where the hardware prefetcher stops: PREFETCH bytes, and
-// 4x as far at M = 3, 4 (the 6B model's 4-row step on 2 threads, AMD EPYC, interleaved runs: 164-174
-// against 196-207 ms; M = 2 and 8 are as fast or faster at PREFETCH).
+// U accumulator sets (for few rows) break the dependency chains of the dot products. The software
+// prefetch runs ahead across the 4 KiB pages where the hardware prefetcher stops: into L2 and
+// 4 * PREFETCH ahead at M = 2..6, into L1 and PREFETCH ahead otherwise. Measured as the 6B model's
+// batched step on 2 threads, AMD EPYC, interleaved runs, against L1 at PREFETCH: M = 2 -3..-5 %,
+// M = 3 -8 %, M = 4 -16..-30 % (L1 at 4 * PREFETCH: -16 %), M = 6 -6 %, M = 7 +1 %, M = 8 +5..+10 %.
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_avx512(const Int4Args& p, int64_t n0,
                                                                                  int64_t n1) {
   constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);
-  constexpr int64_t ahead = M == 3 || M == 4 ? 4 * PREFETCH : PREFETCH;
+  constexpr bool to_l2 = M >= 2 && M <= 6;
+  constexpr int64_t ahead = to_l2 ? 4 * PREFETCH : PREFETCH;
   const RowSplit& a = *p.a;
   const int64_t kpad = a.kpad, nblk = kpad / QBLOCK, full = p.row_bytes / CHUNK;
   const int8_t* q = a.q.data();
@@ -181,7 +183,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_avx512
     int64_t b = 0;
     for (; b + U <= full; b += U)
       for (int u = 0; u < U; ++u) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + (b + u) * CHUNK + ahead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row + (b + u) * CHUNK + ahead), to_l2 ? _MM_HINT_T1 : _MM_HINT_T0);
         int4_chunk_avx512<M>(row + (b + u) * CHUNK, q + (b + u) * QBLOCK, kpad, acc_a[u], acc_b[u]);
       }
     for (; b < nblk; ++b)
