@@ -98,3 +98,21 @@ def test_thread_pool_bench_times_every_arrangement_on_a_tiny_shape(tmp_path):
     shown = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert "other thread, pool released" in shown.stdout and "1.00x released" in shown.stdout
+
+
+def test_batched_steps_come_in_interleaved_rounds(tmp_path, monkeypatch):
+    from chatglm.bench import kernels
+    from chatglm.bench.measure import ModelRun
+    model = ModelRun(ensure_checkpoint(tmp_path, "tiny"), torch.device("cpu"), torch.float32, "auto").model
+    calls = []
+    real = kernels.batched_decode_seconds
+
+    def spy(model, rows, steps, *args, **kwargs):
+        calls.append(rows)
+        return real(model, rows, steps, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "batched_decode_seconds", spy)
+    got = kernels.batched_decode_rounds(model, (1, 4), steps=5, rounds=3)
+    assert calls == [1, 4, 1, 4, 1, 4]
+    assert {m: len(v) for m, v in got.items()} == {"1": 6, "4": 6}  # ceil(5 / 3) = 2 per round, warm-up dropped
+    assert all(math.isfinite(t) and t > 0 for v in got.values() for t in v)

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--baseline-tokens", type=int, default=3, help="decode steps of the baseline (0: skip it)")
     ap.add_argument("--torch-int4-tokens", type=int, default=32,
                     help="decode steps of torch's int4 kernel path, today's CPU path (0: skip it)")
-    ap.add_argument("--batch-tokens", type=int, default=16, help="decode steps timed at each batch of M rows")
+    ap.add_argument("--batch-tokens", type=int, default=16, help="decode steps timed at each batch of M rows (in interleaved rounds)")
     ap.add_argument("--chatglm-cpp-model", help="a chatglm.cpp GGML file (q4_0) to time, if chatglm_cpp is installed")
     ap.add_argument("--concurrency", default="",
                     help="comma-separated stream counts (e.g. 1,2,4,8): measure N streams batched by the engine "
@@ -105,8 +105,8 @@ def run_worker(args: argparse.Namespace) -> None:
         if device.type == "cpu":
             out["paths"] = kernels.paths()
             out["streaming"] = kernels.streaming_rates(run.model)
-            out["batched_decode_seconds"] = {str(m): kernels.batched_decode_seconds(run.model, m, args.batch_tokens)
-                                             for m in kernels.BATCH_ROWS}
+            out["batched_decode_seconds"] = kernels.batched_decode_rounds(run.model, kernels.BATCH_ROWS,
+                                                                          args.batch_tokens)
     elif args.worker == "torch-int4":
         n = 512 if 512 in args.prompt_lengths else max(args.prompt_lengths)  # the prefill target's length
         out["ttft_seconds"] = {str(n): run.time_to_first_token(n, 1)}

@@ -77,6 +77,23 @@ def batched_decode_seconds(model: torch.nn.Module, rows: int, steps: int, prompt
         cache.release()
 
 
+BATCH_ROUNDS = 4
+"""Interleaved rounds of the batched decode steps (1, 2, 4, 8 rows, then again)."""
+
+
+def batched_decode_rounds(model: torch.nn.Module, rows: tuple[int, ...], steps: int,
+                          rounds: int = BATCH_ROUNDS) -> dict[str, list[float]]:
+    """Per-step seconds at each row count, ``steps`` of them (at least one per round), taken in
+    ``rounds`` interleaved rounds, so that a slow minute of a shared machine lands on every row count
+    alike rather than on one of them; the first step of each round is a warm-up, not counted."""
+    per_round = max(1, -(-steps // rounds))
+    out: dict[str, list[float]] = {str(m): [] for m in rows}
+    for _ in range(rounds):
+        for m in rows:
+            out[str(m)] += batched_decode_seconds(model, m, per_round + 1)[1:]
+    return out
+
+
 def paths() -> dict:
     """The ISA path of our C++ kernels here and the prefill path measured for this process."""
     from ..quant.kernels import cpu_native, native
