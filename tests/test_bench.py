@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from chatglm.bench.randomckpt import bench_config, ensure_checkpoint
@@ -54,6 +56,11 @@ def test_bench_runs_end_to_end_on_a_tiny_shape(tmp_path):
                                  "decode_m4_over_m1", "setup_over_read_warm", "prefill_speedup_vs_torch_int4"}
     assert set(s["batched_decode_ms"]) == {"1", "2", "4", "8"} and all(v > 0 for v in s["batched_decode_ms"].values())
     assert len(r["torch_int4"]["decode_step_seconds"]) == 2 and s["torch_int4_decode_ms_median"] > 0
+    turns = r["torch_int4"]["interleaved_decode_seconds"]  # 2 tokens in 4 rounds: at least one per round
+    assert {k: len(v) for k, v in turns.items()} == {"ours": 4, "torch-int4": 4}
+    assert s["decode_speedup_vs_torch_int4"] == pytest.approx(
+        statistics.median(turns["torch-int4"]) / statistics.median(turns["ours"]))
+    assert "decode in turns, one process" in result.stdout
     assert s["streaming"]["int4"]["gb_per_s"] > 0 and s["streaming"]["output_layer"]["gb_per_s"] > 0
     assert len(s["decode_pct_of_floor_by_reading"]) == len(r["bandwidth_bytes_per_s"]) == 3
     if native.load():

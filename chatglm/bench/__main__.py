@@ -113,6 +113,10 @@ def run_worker(args: argparse.Namespace) -> None:
         out["decode_step_seconds"] = run.decode_step_seconds(args.torch_int4_tokens)
         out["streaming"] = kernels.streaming_rates(run.model)
         out["batched_decode_seconds"] = {"4": kernels.batched_decode_seconds(run.model, 4, args.batch_tokens)}
+        # Ours again in this process, the two decoding in turns: the ratio the decode target uses.
+        ours = measure.ModelRun(args.weights, device, dtype, "auto")
+        out["interleaved_decode_seconds"] = measure.interleaved_decode({"ours": ours, "torch-int4": run},
+                                                                       args.torch_int4_tokens)
     else:
         out["decode_step_seconds"] = run.decode_step_seconds(args.baseline_tokens, prompt_tokens=8)
     out["peak_rss"] = measure.peak_rss_bytes()

@@ -163,3 +163,20 @@ class ModelRun:
         with the service's defaults (temperature 0.8, top_p 0.8, top_k 50)."""
         params = SamplingParams(temperature=0.8, top_p=0.8, top_k=50)
         return self._steps(self.prompt(prompt_tokens), tokens + 1, params)[1:]
+
+
+INTERLEAVE_ROUNDS = 4
+"""Rounds of :func:`interleaved_decode`."""
+
+
+def interleaved_decode(runs: dict[str, "ModelRun"], tokens: int, rounds: int = INTERLEAVE_ROUNDS) -> dict[str, list[float]]:
+    """Decode step seconds of each loaded model, ``tokens`` of them (at least one per round), taken in
+    ``rounds`` alternating rounds in this process, so that the machine's drift (its bandwidth moves by
+    a third within minutes) lands on every model alike."""
+    per_round = max(1, -(-tokens // rounds))
+    out: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            out[name] += run.decode_step_seconds(per_round)
+    return out
+
