@@ -11,6 +11,7 @@ import torch
 
 from ..model.cache import KVCache
 from ..quant.linear import Int4Linear
+from . import measure
 
 BATCH_ROWS = (1, 2, 4, 8)
 STREAM_PREFETCH = (0, 1024, 2048, 4096)
@@ -77,21 +78,13 @@ def batched_decode_seconds(model: torch.nn.Module, rows: int, steps: int, prompt
         cache.release()
 
 
-BATCH_ROUNDS = 4
-"""Interleaved rounds of the batched decode steps (1, 2, 4, 8 rows, then again)."""
-
-
 def batched_decode_rounds(model: torch.nn.Module, rows: tuple[int, ...], steps: int,
-                          rounds: int = BATCH_ROUNDS) -> dict[str, list[float]]:
-    """Per-step seconds at each row count, ``steps`` of them (at least one per round), taken in
-    ``rounds`` interleaved rounds, so that a slow minute of a shared machine lands on every row count
-    alike rather than on one of them; the first step of each round is a warm-up, not counted."""
-    per_round = max(1, -(-steps // rounds))
-    out: dict[str, list[float]] = {str(m): [] for m in rows}
-    for _ in range(rounds):
-        for m in rows:
-            out[str(m)] += batched_decode_seconds(model, m, per_round + 1)[1:]
-    return out
+                          rounds: int = measure.TURN_ROUNDS) -> dict[str, list[float]]:
+    """Per-step seconds at each row count, ``steps`` of them, taken in turns (:func:`.measure.in_turns`),
+    so that a slow minute of a shared machine lands on every row count alike rather than on one of
+    them; the first step of each turn is a warm-up, not counted."""
+    return measure.in_turns({str(m): lambda n, m=m: batched_decode_seconds(model, m, n + 1)[1:] for m in rows},
+                            steps, rounds)
 
 
 def paths() -> dict:

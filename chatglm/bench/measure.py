@@ -165,18 +165,23 @@ class ModelRun:
         return self._steps(self.prompt(prompt_tokens), tokens + 1, params)[1:]
 
 
-INTERLEAVE_ROUNDS = 4
-"""Rounds of :func:`interleaved_decode`."""
+TURN_ROUNDS = 4
+"""Rounds of :func:`in_turns`."""
 
 
-def interleaved_decode(runs: dict[str, "ModelRun"], tokens: int, rounds: int = INTERLEAVE_ROUNDS) -> dict[str, list[float]]:
-    """Decode step seconds of each loaded model, ``tokens`` of them (at least one per round), taken in
-    ``rounds`` alternating rounds in this process, so that the machine's drift (its bandwidth moves by
-    a third within minutes) lands on every model alike."""
-    per_round = max(1, -(-tokens // rounds))
-    out: dict[str, list[float]] = {name: [] for name in runs}
+def in_turns(timers: dict[str, Callable[[int], list[float]]], steps: int,
+             rounds: int = TURN_ROUNDS) -> dict[str, list[float]]:
+    """``steps`` step times (at least one per round) of each timer, called with a step count in
+    ``rounds`` alternating rounds, so that the machine's drift (its bandwidth moves by a third within
+    minutes) lands on every timer alike."""
+    per_round = max(1, -(-steps // rounds))
+    out: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(rounds):
-        for name, run in runs.items():
-            out[name] += run.decode_step_seconds(per_round)
+        for name, timer in timers.items():
+            out[name] += timer(per_round)
     return out
 
+
+def interleaved_decode(runs: dict[str, "ModelRun"], tokens: int) -> dict[str, list[float]]:
+    """Decode step seconds of each loaded model, ``tokens`` of them, taken in turns (:func:`in_turns`)."""
+    return in_turns({name: run.decode_step_seconds for name, run in runs.items()}, tokens)
