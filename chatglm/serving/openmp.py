@@ -11,6 +11,7 @@ thread's pool; the pool is created again if that thread runs a parallel op later
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from pathlib import Path
 
@@ -22,8 +23,10 @@ OMP_PAUSE_SOFT = 1
 """``omp_pause_soft`` of ``omp_pause_resource_t``: free the threads, keep the runtime usable."""
 
 
+@functools.cache
 def torch_libgomp() -> ctypes.CDLL | None:
-    """The libgomp that torch's parallel ops run on, or None where torch uses another backend."""
+    """The libgomp that torch's parallel ops run on, or None where torch uses another backend (looked
+    up once: the predictor releases its pool after every prediction)."""
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
     for path in sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*")):
