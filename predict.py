@@ -4,16 +4,32 @@ Every ``Input(...)`` argument is a literal (numbers as numbers, each description
 today's ``cog build`` reads this file as text to write the input schema that its runtime validates
 against, and drops anything else (tests/test_static_schema.py keeps it so). No ``from __future__
 import annotations``: cog 0.16 reads the annotations as objects, not strings.
+
+Concurrent predictions: the number of slots is COG_MAX_CONCURRENCY where set (both runtimes read it;
+``cog build`` sets it from cog.yaml), else cog.yaml's ``concurrency.max``. With one slot ``predict``
+is a plain generator, which both runtimes cancel at once. With more, the model is served by the
+engine thread (requests batched at step boundaries) and ``predict`` is async, in the one form each
+runtime streams: coglet 0.23.1 collects an async generator's chunks until it ends but streams a
+generator that a coroutine returns; cog 0.16.12 streams an async generator but runs a returned
+generator on its event loop, one prediction at a time (README, "Concurrent predictions").
 """
+import asyncio
+import contextvars
+import functools
+import importlib.util
 import os
 import time
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
+import cog
+import yaml
 from cog import BasePredictor, ConcatenateIterator, Input, current_scope
 
 from chatglm import GenerationStats, Pipeline
 from chatglm.serving.inputs import build_request, check_min_tokens, integer_input, number_input
 from chatglm.serving.openmp import release_thread_pool
+from chatglm.serving.scheduler import engine_batch
 
 try:
     from cog import CancelationException  # cog >= 0.17 (coglet)
@@ -21,6 +37,162 @@ except ImportError:
     from cog.server.exceptions import CancelationException  # cog 0.16
 
 DEFAULT_WEIGHTS = "weights"
+COG_CONFIG = Path(__file__).with_name("cog.yaml")
+COGLET = importlib.util.find_spec("coglet") is not None  # cog 0.16.12 itself hands over to coglet when importable
+
+
+def max_concurrency() -> int:
+    """The prediction slots: $COG_MAX_CONCURRENCY, else cog.yaml's concurrency.max, else 1."""
+    raw: Any = os.environ.get("COG_MAX_CONCURRENCY")
+    where = "COG_MAX_CONCURRENCY"
+    if not raw:
+        config = yaml.safe_load(COG_CONFIG.read_text(encoding="utf-8")) if COG_CONFIG.is_file() else None
+        raw = ((config or {}).get("concurrency") or {}).get("max", 1)
+        where = f"{COG_CONFIG.name}: concurrency.max"
+    try:
+        slots = int(raw)
+    except (TypeError, ValueError):
+        slots = 0
+    if slots < 1 or str(slots) != str(raw).strip():
+        raise ValueError(f"{where} must be a whole number >= 1, got {raw!r}")
+    return slots
+
+
+MAX_CONCURRENCY = max_concurrency()
+
+
+def _served(slots: int) -> Callable[[Callable[..., Iterator[str]]], Callable[..., Any]]:
+    """``predict`` in the form the running Cog runtime streams and runs ``slots`` at a time (see the
+    module docstring); the signature and annotations stay the generator's (``functools.wraps``)."""
+    def wrap(start: Callable[..., "_Prediction"]) -> Callable[..., Any]:
+        if slots == 1:
+            @functools.wraps(start)
+            def predict(self: "Predictor", **inputs: Any) -> Iterator[str]:
+                prediction = start(self, **inputs)
+                try:
+                    yield from prediction
+                finally:  # also where a cancel, raised in whatever frame is running, ends up
+                    prediction.close()
+            return predict
+        if COGLET:
+            @functools.wraps(start)
+            async def predict(self: "Predictor", **inputs: Any) -> Iterator[str]:
+                # coglet iterates the returned generator on the prediction's own thread, outside the
+                # context this coroutine runs in (the one that routes print() to the prediction).
+                return _in_context(contextvars.copy_context(), start(self, **inputs))
+        else:
+            @functools.wraps(start)
+            async def predict(self: "Predictor", **inputs: Any) -> AsyncIterator[str]:
+                async for chunk in _from_thread(start(self, **inputs)):
+                    yield chunk
+        concurrent = getattr(cog, "concurrent", None)  # cog >= 0.21
+        return concurrent(max=slots)(predict) if concurrent is not None else predict
+    return wrap
+
+
+def _in_context(context: contextvars.Context, prediction: "_Prediction") -> Iterator[str]:
+    """The chunks of ``prediction``, each step run in ``context``."""
+    done = object()
+    try:
+        while (chunk := context.run(next, prediction, done)) is not done:
+            yield chunk
+    finally:
+        context.run(prediction.close)
+
+
+async def _from_thread(prediction: "_Prediction") -> AsyncIterator[str]:
+    """The chunks of ``prediction``, each step run on a worker thread so that the event loop serves the
+    other predictions meanwhile. A cancel (asyncio's, at the ``await``) cancels the generation; the
+    step in flight then ends within a decode step."""
+    done = object()
+    step: Optional[asyncio.Future] = None
+    try:
+        while True:
+            step = asyncio.ensure_future(asyncio.to_thread(next, prediction, done))
+            chunk = await asyncio.shield(step)
+            if chunk is done:
+                return
+            yield chunk
+    except asyncio.CancelledError:
+        prediction.cancel()
+        raise
+    finally:
+        if step is not None and not step.done():
+            await asyncio.wait([step])
+        await asyncio.to_thread(prediction.close)
+
+
+class _Prediction:
+    """One prediction's text chunks (an iterator). The first ``next()`` checks the inputs and starts
+    the generation, so a bad input fails as the prediction's error; ``cancel()`` may come from any
+    thread; ``close()`` (once, from the reading side) ends it, logs its line and records its metrics."""
+
+    def __init__(self, pipe: Pipeline, inputs: dict[str, Any]):
+        self.pipe, self.inputs = pipe, {name: _given(value) for name, value in inputs.items()}
+        self.stats = GenerationStats()
+        self.outcome = "cancelled"
+        self.chunks: Any = None
+        self.cancelled = False
+        self.closed = False
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            if self.chunks is None:
+                self.chunks = self._start(**self.inputs)
+            return next(self.chunks)
+        except StopIteration:
+            self.outcome = self.stats.stop_reason or "cancelled"
+            raise
+        except CancelationException:
+            raise
+        except Exception as exc:
+            self.outcome = f"failed ({type(exc).__name__}: {exc})"
+            raise
+
+    def _start(self, prompt: str, system_prompt: str, messages: str, tools: str, max_tokens: int,
+               temperature: float, top_p: float, top_k: int, repetition_penalty: float, presence_penalty: float,
+               frequency_penalty: float, min_tokens: int, stop_sequences: str, seed: Optional[int]) -> Iterator[str]:
+        max_tokens, top_k, seed, min_tokens = (integer_input(name, value) for name, value in (
+            ("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed), ("min_tokens", min_tokens)))
+        check_min_tokens(min_tokens, max_tokens)
+        temperature, top_p, repetition_penalty = (number_input(name, value) for name, value in (
+            ("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)))
+        request = build_request(self.pipe, prompt, system_prompt, messages, tools, stop_sequences)
+        for warning in request.warnings:
+            print(f"warning: {warning}")
+        if self.cancelled:
+            return iter(())
+        return self.pipe.stream(request.messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                stop_sequences=request.stop_sequences, stats=self.stats,
+                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                min_tokens=min_tokens)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        cancel = getattr(self.chunks, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        # Closing the stream now stops generation and frees the KV cache at once instead of whenever
+        # the abandoned generator is collected.
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+        stats = self.stats
+        print(f"seed: {stats.seed}; {stats.input_tokens} input tokens, {stats.output_tokens} output "
+              f"tokens, stop: {self.outcome}")
+        _record_metrics(stats)
+        if self.pipe.scheduler is None:
+            # One live OpenMP pool at a time: the next prediction may come on another thread.
+            release_thread_pool()
 
 
 class Predictor(BasePredictor):
@@ -37,8 +209,13 @@ class Predictor(BasePredictor):
         warm = self.pipe.warmup()
         print(f"setup: {self.pipe.family} from {weights} in {time.perf_counter() - started:.1f} s "
               f"(warm-up {warm:.1f} s)")
+        if MAX_CONCURRENCY > 1:
+            batch = engine_batch(self.pipe.model.device, MAX_CONCURRENCY)
+            self.pipe.serve(max_batch=batch, max_waiting=MAX_CONCURRENCY - batch)
+            print(f"setup: {MAX_CONCURRENCY} concurrent predictions, decoded {batch} at a time")
         release_thread_pool()  # predictions may run on other threads (coglet: a new one each time)
 
+    @_served(MAX_CONCURRENCY)
     def predict(
         self,
         prompt: str = Input(
@@ -79,48 +256,11 @@ class Predictor(BasePredictor):
             description="Random seed; the same seed and inputs give the same output. Random when empty (the seed used is logged).",
             default=None, ge=0, le=4294967295),
     ) -> ConcatenateIterator[str]:
-        prompt, system_prompt, messages, tools, stop_sequences = (
-            _given(v) for v in (prompt, system_prompt, messages, tools, stop_sequences))
-        max_tokens, temperature, top_p, top_k, repetition_penalty, seed = (
-            _given(v) for v in (max_tokens, temperature, top_p, top_k, repetition_penalty, seed))
-        presence_penalty, frequency_penalty, min_tokens = (
-            _given(v) for v in (presence_penalty, frequency_penalty, min_tokens))
-        stats = GenerationStats()
-        outcome = "cancelled"
-        chunks = None
-        try:
-            max_tokens, top_k, seed, min_tokens = (integer_input(name, value) for name, value in (
-                ("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed), ("min_tokens", min_tokens)))
-            check_min_tokens(min_tokens, max_tokens)
-            temperature, top_p, repetition_penalty = (number_input(name, value) for name, value in (
-                ("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)))
-            request = build_request(self.pipe, prompt, system_prompt, messages, tools, stop_sequences)
-            for warning in request.warnings:
-                print(f"warning: {warning}")
-            chunks = self.pipe.stream(request.messages, max_new_tokens=max_tokens, temperature=temperature,
-                                      top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                                      seed=seed, stop_sequences=request.stop_sequences, stats=stats,
-                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                      min_tokens=min_tokens)
-            for chunk in chunks:
-                yield chunk
-            outcome = stats.stop_reason
-        except CancelationException:
-            raise
-        except Exception as exc:
-            outcome = f"failed ({type(exc).__name__}: {exc})"
-            raise
-        finally:
-            # A cancelled or failed prediction ends here; closing the stream now stops generation and
-            # frees the KV cache at once instead of whenever the abandoned generator is collected.
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-            print(f"seed: {stats.seed}; {stats.input_tokens} input tokens, {stats.output_tokens} output "
-                  f"tokens, stop: {outcome}")
-            _record_metrics(stats)
-            # One live OpenMP pool at a time: the next prediction may come on another thread.
-            release_thread_pool()
+        return _Prediction(self.pipe, dict(
+            prompt=prompt, system_prompt=system_prompt, messages=messages, tools=tools, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_tokens=min_tokens,
+            stop_sequences=stop_sequences, seed=seed))
 
 
 def _given(value: Any) -> Any:

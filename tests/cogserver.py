@@ -36,7 +36,7 @@ SCHEMA_PATH = ROOT / ".cog" / "openapi_schema.json"
 # coglet wraps the message of an exception raised by predict() in this (the exception's class name
 # in the group); cog 0.16.12's "error" is the message itself.
 COGLET_FAILURE = re.compile(r"Prediction failed: Generator iteration error: (\w+): ")
-COGLET_SLOT_RELEASE_S = 1.0  # measured: at most ~60 ms between coglet's answer and its free slot
+SLOT_RELEASE_S = 1.0  # measured: at most ~60 ms between a runtime's answer and its free slot
 # What each runtime answers a prediction request while another one runs.
 BUSY = {"cog": {"detail": "Already running a prediction"},
         "coglet": {"error": "At capacity - all prediction slots busy", "status": "failed"}}
@@ -74,6 +74,13 @@ def write_schema() -> Path:
     return SCHEMA_PATH
 
 
+def shipped_slots() -> int:
+    """cog.yaml's concurrency.max: the prediction slots of the service as shipped."""
+    import yaml
+
+    return int(yaml.safe_load((ROOT / "cog.yaml").read_text(encoding="utf-8"))["concurrency"]["max"])
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -92,7 +99,7 @@ class CogServer:
     ``model_dir``."""
 
     def __init__(self, model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None,
-                 runtime: str = "cog"):
+                 runtime: str = "cog", slots: int | None = 1):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.runtime = runtime
@@ -102,6 +109,13 @@ class CogServer:
         env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
         env.update({"PORT": str(self.port), "CHATGLM_WEIGHTS": str(model_dir), "PYTHONUNBUFFERED": "1"})
         env.pop("CHATGLM_FAMILY", None)
+        # Prediction slots: ``slots``, or with None the shipped cog.yaml's (cog 0.16.12 and predict.py
+        # read it; for coglet, `cog build` turns it into COG_MAX_CONCURRENCY, as done here).
+        env.pop("COG_MAX_CONCURRENCY", None)
+        if slots is None and runtime == "coglet":
+            slots = shipped_slots()
+        if slots is not None:
+            env["COG_MAX_CONCURRENCY"] = str(slots)
         python = sys.executable
         if runtime == "coglet":
             write_schema()
@@ -116,6 +130,8 @@ class CogServer:
                                      stdin=subprocess.DEVNULL)
         self.http = local_session()
         self.busy_retries = 0
+        self.slots = slots if slots is not None else shipped_slots()
+        self.slot_lag = runtime == "coglet" or self.slots > 1  # see submit()
 
     def error_message(self, body: dict[str, Any]) -> str:
         """The message of a failed prediction's exception, without coglet's wrapping."""
@@ -200,14 +216,15 @@ class CogServer:
                ) -> requests.Response:
         """POST a prediction request (PUT to /predictions/<prediction_id> when given); returns the response.
 
-        coglet frees its prediction slot a few milliseconds after it has answered, so a request sent
-        right after the previous answer may get its 409 (at capacity): that one is retried for up
-        to COGLET_SLOT_RELEASE_S (counted in ``busy_retries``)."""
-        deadline = time.monotonic() + COGLET_SLOT_RELEASE_S
+        coglet frees its prediction slot a few milliseconds after it has answered, and so does cog
+        0.16.12 with several slots after the final webhook of a cancelled prediction; a request
+        sent right then may get its 409 (at capacity): that one is retried for up to
+        SLOT_RELEASE_S (counted in ``busy_retries``)."""
+        deadline = time.monotonic() + SLOT_RELEASE_S
         while True:
             response = (self.post("/predictions", body, headers=headers) if prediction_id is None
                         else self.put(f"/predictions/{prediction_id}", body, headers=headers))
-            if response.status_code != 409 or self.runtime != "coglet" or time.monotonic() > deadline:
+            if response.status_code != 409 or not self.slot_lag or time.monotonic() > deadline:
                 return response
             self.busy_retries += 1
             time.sleep(0.01)

@@ -7,6 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+# predict.py picks its form from the number of prediction slots when imported: the tests import it
+# with one slot (as the single-prediction tests expect) unless they ask for more
+# (tests/test_cog_concurrency.py; tests/cogserver.py sets it for each server it starts).
+os.environ["COG_MAX_CONCURRENCY"] = "1"
 import torch
 
 if not torch.cuda.is_available():

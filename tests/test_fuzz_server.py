@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.cogserver import COGLET_SLOT_RELEASE_S, RUNTIMES, CogServer, local_session, skip_without_coglet
+from tests.cogserver import SLOT_RELEASE_S, RUNTIMES, CogServer, local_session, skip_without_coglet
 from tests.predict_helpers import make_predictor, predict_chunks
 from tests.reliability_helpers import USER_ERROR, short_context_copy
 
@@ -133,7 +133,7 @@ class Fuzzer:
             case.body.pop("webhook", None)
         for key in [k for k in (case.headers or {}) if k.lower() == "prefer"]:
             del case.headers[key]
-        deadline = time.monotonic() + COGLET_SLOT_RELEASE_S
+        deadline = time.monotonic() + SLOT_RELEASE_S
         with local_session() as session:
             response = case.call(base_url=self.server.url, session=session, timeout=REQUEST_TIMEOUT_S)
             # coglet's just-freed slot (see CogServer.submit): only one prediction runs at a time here.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..config import ChatGLMConfig
 from ..family import detect_family, prompt_format
 from ..model.decoder import DecoderPool
 from .generation import check_prompt_length, clamp_new_tokens, generate_ids
+from .request import TokenStream
 from .scheduler import Scheduler, cache_budget_bytes
 from ..model.transformer import ChatGLMForConditionalGeneration
 from ..text.reply import Chatglm3Reply, PlainReply
@@ -48,6 +50,29 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         n = self.output_tokens - 1
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+class TextStream:
+    """The text chunks of one reply, as :meth:`Pipeline.stream` returns them. ``close()`` ends it
+    from the thread that reads it; ``cancel()`` from any thread (a reader blocked on the engine
+    then gets the end of the stream within a decode step)."""
+
+    def __init__(self, chunks: Iterator[str], ids: Iterator[int], cancelled: threading.Event):
+        self._chunks, self._ids, self._cancelled = chunks, ids, cancelled
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if isinstance(self._ids, TokenStream):  # its close() is thread-safe: the engine ends the request
+            self._ids.close()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -174,10 +199,12 @@ class Pipeline:
         stats = stats if stats is not None else GenerationStats()
         ids = self._generate(input_ids, max_new_tokens, params, seed, stats)
         tool_calls = any("tools" in m for m in messages)
-        return self._stream_text(ids, stop_sequences, stats, max_new_tokens, tool_calls)
+        cancelled = threading.Event()
+        return TextStream(self._stream_text(ids, stop_sequences, stats, max_new_tokens, tool_calls, cancelled),
+                          ids, cancelled)
 
     def _stream_text(self, ids: Iterator[int], stop_sequences: Sequence[str], stats: GenerationStats,
-                     max_new_tokens: int, tool_calls: bool = True) -> Iterator[str]:
+                     max_new_tokens: int, tool_calls: bool, cancelled: threading.Event) -> Iterator[str]:
         decoder = self.tokenizer.stream_decoder()
         reply = Chatglm3Reply(tool_calls) if self.format_name == "chatglm3" else PlainReply()
         matcher = StopSequenceMatcher([s for s in stop_sequences if s])
@@ -185,6 +212,8 @@ class Pipeline:
         first = None
         try:
             for token in ids:
+                if cancelled.is_set():
+                    return
                 now = time.perf_counter()
                 if first is None:
                     first = now
@@ -197,7 +226,7 @@ class Pipeline:
                 if hit:
                     stats.stop_reason = "stop_sequence"
                     return
-            if getattr(ids, "reason", "") == "cancelled":  # the engine ended a cancelled request
+            if cancelled.is_set() or getattr(ids, "reason", "") == "cancelled":  # the engine ended it
                 return
             stats.stop_reason = ("max_tokens" if stats.output_tokens >= max_new_tokens else
                                  "context_full" if stats.output_tokens >= stats.token_budget else "stop_token")
