@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
@@ -83,7 +84,7 @@ def _served(slots: int) -> Callable[[Callable[..., Iterator[str]]], Callable[...
         else:
             @functools.wraps(start)
             async def predict(self: "Predictor", **inputs: Any) -> AsyncIterator[str]:
-                async for chunk in _from_thread(start(self, **inputs)):
+                async for chunk in _from_thread(start(self, **inputs), self.readers):
                     yield chunk
         concurrent = getattr(cog, "concurrent", None)  # cog >= 0.21
         return concurrent(max=slots)(predict) if concurrent is not None else predict
@@ -100,15 +101,17 @@ def _in_context(context: contextvars.Context, prediction: "_Prediction") -> Iter
         context.run(prediction.close)
 
 
-async def _from_thread(prediction: "_Prediction") -> AsyncIterator[str]:
-    """The chunks of ``prediction``, each step run on a worker thread so that the event loop serves the
-    other predictions meanwhile. A cancel (asyncio's, at the ``await``) cancels the generation; the
-    step in flight then ends within a decode step."""
+async def _from_thread(prediction: "_Prediction", readers: ThreadPoolExecutor) -> AsyncIterator[str]:
+    """The chunks of ``prediction``, each step run on a thread of ``readers`` so that the event loop
+    serves the other predictions meanwhile. A cancel (asyncio's, at the ``await``) cancels the
+    generation; the step in flight then ends within a decode step."""
+    loop = asyncio.get_running_loop()
     done = object()
     step: Optional[asyncio.Future] = None
     try:
         while True:
-            step = asyncio.ensure_future(asyncio.to_thread(next, prediction, done))
+            step = asyncio.ensure_future(loop.run_in_executor(readers, contextvars.copy_context().run, next,
+                                                              prediction, done))
             chunk = await asyncio.shield(step)
             if chunk is done:
                 return
@@ -119,7 +122,7 @@ async def _from_thread(prediction: "_Prediction") -> AsyncIterator[str]:
     finally:
         if step is not None and not step.done():
             await asyncio.wait([step])
-        await asyncio.to_thread(prediction.close)
+        await loop.run_in_executor(readers, contextvars.copy_context().run, prediction.close)
 
 
 class _Prediction:
@@ -210,6 +213,10 @@ class Predictor(BasePredictor):
         print(f"setup: {self.pipe.family} from {weights} in {time.perf_counter() - started:.1f} s "
               f"(warm-up {warm:.1f} s)")
         if MAX_CONCURRENCY > 1:
+            # One reader thread per slot (cog 0.16.12's form): a step blocks until the engine gives its
+            # prediction a token, so with fewer threads than slots (asyncio's default pool has 6 on 2
+            # cores) the predictions being decoded could wait behind ones the engine cannot take yet.
+            self.readers = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="prediction")
             batch = engine_batch(self.pipe.model.device, MAX_CONCURRENCY)
             self.pipe.serve(max_batch=batch, max_waiting=MAX_CONCURRENCY - batch)
             print(f"setup: {MAX_CONCURRENCY} concurrent predictions, decoded {batch} at a time")

@@ -19,7 +19,8 @@ pytestmark = needs_shared
 
 ASYNC = {"Prefer": "respond-async"}
 PROMPTS = ["hello", "你好", "tell me a story", "why is the sky blue"]
-COGLET_EARLY_CANCEL = "Prediction failed: Async prediction failed: CancelationException: "
+COGLET_EARLY_CANCEL = re.compile(r"Prediction failed: (Async prediction failed|Failed to submit coroutine): "
+                                 r"CancelationException: $")
 LONG = 400  # tokens: enough for every prediction of a burst to be running at once (min_tokens holds EOS back)
 
 
@@ -165,10 +166,13 @@ def test_no_leaked_slots_or_memory_after_200_mixed_requests(server: CogServer, w
             assert body["status"] == "failed", body
         elif kind == 2:  # cancelled while it runs
             prediction_id = submit_async(server, webhooks, greedy(PROMPTS[i % 4], 60))
+            if server.runtime == "cog":  # cog 0.16.12 loses a prediction cancelled at once (README)
+                webhooks.wait_for(prediction_id, lambda ev: any(e.get("output") or e["status"] != "processing"
+                                                                for e in ev), timeout=60)
             server.post(f"/predictions/{prediction_id}/cancel", None)
             final = final_event(webhooks.wait_terminal(prediction_id, timeout=120))
             # coglet ends a prediction cancelled before its coroutine has run as failed (README)
-            early = server.runtime == "coglet" and final.get("error") == COGLET_EARLY_CANCEL
+            early = server.runtime == "coglet" and COGLET_EARLY_CANCEL.match(final.get("error") or "")
             assert final["status"] in ("canceled", "succeeded") or early, final
         else:  # sampled and greedy predictions that finish
             inputs = {"prompt": PROMPTS[i % 4], "max_tokens": 12, "seed": i} if kind == 3 else greedy(PROMPTS[i % 4], 8)

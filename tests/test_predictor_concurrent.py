@@ -190,3 +190,21 @@ def test_each_step_of_the_coglet_form_runs_in_the_predictions_context(monkeypatc
     chunks = module._in_context(contextvars.copy_context(), Steps())
     prediction_id.set("other")
     assert list(chunks) == ["x"] * 3 and seen == ["p1"] * 3 and Steps.closed_in == "p1"
+
+
+def test_every_slot_busy_with_more_than_the_engine_decodes_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                                   chatglm2_dir: Path, solo_texts: dict[str, str]) -> None:
+    # 8 slots, 4 rows at a time on CPU: the 4 waiting predictions block their reader threads until
+    # the engine takes them, which must not keep the 4 running ones from being read.
+    module = load_predict(monkeypatch, "8")
+    predictor = set_up(module, chatglm2_dir, monkeypatch)
+    prompts = PROMPTS * 2
+
+    async def main() -> list[str]:
+        return await asyncio.wait_for(asyncio.gather(*(collect_async(predictor, greedy(p)) for p in prompts)), 60)
+
+    try:
+        assert asyncio.run(main()) == [solo_texts[p] for p in prompts]
+        assert predictor.pipe.scheduler.max_batch == 4 and predictor.pipe.scheduler.load() == (0, 0)
+    finally:
+        predictor.pipe.scheduler.close()
