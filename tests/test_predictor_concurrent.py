@@ -208,3 +208,21 @@ def test_every_slot_busy_with_more_than_the_engine_decodes_at_once(monkeypatch: 
         assert predictor.pipe.scheduler.max_batch == 4 and predictor.pipe.scheduler.load() == (0, 0)
     finally:
         predictor.pipe.scheduler.close()
+
+
+def test_text_stream_cancel_from_another_thread_without_the_engine(predictor2: Any) -> None:
+    import threading
+
+    from chatglm import GenerationStats
+
+    pipe = predictor2.pipe
+    assert pipe.scheduler is None
+    stats = GenerationStats()
+    chunks = pipe.stream([{"role": "user", "content": "hello"}], max_new_tokens=300, temperature=0.0,
+                         min_tokens=300, stats=stats)
+    next(chunks)
+    canceller = threading.Thread(target=chunks.cancel)
+    canceller.start()
+    canceller.join()
+    list(chunks)
+    assert stats.output_tokens < 300 and stats.stop_reason == ""
