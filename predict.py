@@ -42,14 +42,18 @@ COG_CONFIG = Path(__file__).with_name("cog.yaml")
 COGLET = importlib.util.find_spec("coglet") is not None  # cog 0.16.12 itself hands over to coglet when importable
 
 
+def cog_yaml_slots() -> Any:
+    """cog.yaml's concurrency.max as written (1 where cog.yaml or the key is absent)."""
+    config = yaml.safe_load(COG_CONFIG.read_text(encoding="utf-8")) if COG_CONFIG.is_file() else None
+    return ((config or {}).get("concurrency") or {}).get("max", 1)
+
+
 def max_concurrency() -> int:
     """The prediction slots: $COG_MAX_CONCURRENCY, else cog.yaml's concurrency.max, else 1."""
     raw: Any = os.environ.get("COG_MAX_CONCURRENCY")
     where = "COG_MAX_CONCURRENCY"
     if not raw:
-        config = yaml.safe_load(COG_CONFIG.read_text(encoding="utf-8")) if COG_CONFIG.is_file() else None
-        raw = ((config or {}).get("concurrency") or {}).get("max", 1)
-        where = f"{COG_CONFIG.name}: concurrency.max"
+        raw, where = cog_yaml_slots(), f"{COG_CONFIG.name}: concurrency.max"
     try:
         slots = int(raw)
     except (TypeError, ValueError):
@@ -128,7 +132,7 @@ async def _from_thread(prediction: "_Prediction", readers: ThreadPoolExecutor) -
 class _Prediction:
     """One prediction's text chunks (an iterator). The first ``next()`` checks the inputs and starts
     the generation, so a bad input fails as the prediction's error; ``cancel()`` may come from any
-    thread; ``close()`` (once, from the reading side) ends it, logs its line and records its metrics."""
+    thread; ``close()`` (from the reading side, when it is over) ends it, logs its line and records its metrics."""
 
     def __init__(self, pipe: Pipeline, inputs: dict[str, Any]):
         self.pipe, self.inputs = pipe, {name: _given(value) for name, value in inputs.items()}
@@ -136,7 +140,6 @@ class _Prediction:
         self.outcome = "cancelled"
         self.chunks: Any = None
         self.cancelled = False
-        self.closed = False
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -145,6 +148,8 @@ class _Prediction:
         try:
             if self.chunks is None:
                 self.chunks = self._start(**self.inputs)
+                if self.cancelled:  # cancel() came while the generation was being started
+                    self.cancel()
             return next(self.chunks)
         except StopIteration:
             self.outcome = self.stats.stop_reason or "cancelled"
@@ -166,8 +171,6 @@ class _Prediction:
         request = build_request(self.pipe, prompt, system_prompt, messages, tools, stop_sequences)
         for warning in request.warnings:
             print(f"warning: {warning}")
-        if self.cancelled:
-            return iter(())
         return self.pipe.stream(request.messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                                 stop_sequences=request.stop_sequences, stats=self.stats,
@@ -181,9 +184,6 @@ class _Prediction:
             cancel()
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
         # Closing the stream now stops generation and frees the KV cache at once instead of whenever
         # the abandoned generator is collected.
         close = getattr(self.chunks, "close", None)
@@ -213,10 +213,11 @@ class Predictor(BasePredictor):
         print(f"setup: {self.pipe.family} from {weights} in {time.perf_counter() - started:.1f} s "
               f"(warm-up {warm:.1f} s)")
         if MAX_CONCURRENCY > 1:
-            # One reader thread per slot (cog 0.16.12's form): a step blocks until the engine gives its
-            # prediction a token, so with fewer threads than slots (asyncio's default pool has 6 on 2
-            # cores) the predictions being decoded could wait behind ones the engine cannot take yet.
-            self.readers = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="prediction")
+            if not COGLET:
+                # One reader thread per slot (cog 0.16.12's form): a step blocks until the engine gives
+                # its prediction a token, so with fewer threads than slots (asyncio's default pool has 6
+                # on 2 cores) the predictions being decoded could wait behind ones it cannot take yet.
+                self.readers = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="prediction")
             batch = engine_batch(self.pipe.model.device, MAX_CONCURRENCY)
             self.pipe.serve(max_batch=batch, max_waiting=MAX_CONCURRENCY - batch)
             print(f"setup: {MAX_CONCURRENCY} concurrent predictions, decoded {batch} at a time")

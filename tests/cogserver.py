@@ -76,9 +76,9 @@ def write_schema() -> Path:
 
 def shipped_slots() -> int:
     """cog.yaml's concurrency.max: the prediction slots of the service as shipped."""
-    import yaml
+    from predict import cog_yaml_slots
 
-    return int(yaml.safe_load((ROOT / "cog.yaml").read_text(encoding="utf-8"))["concurrency"]["max"])
+    return int(cog_yaml_slots())
 
 
 def free_port() -> int:
