@@ -25,8 +25,10 @@ pytestmark = pytest.mark.skipif(native.toolchain_missing() is not None,
 def test_the_extension_builds_where_a_toolchain_exists() -> None:
     assert native.load(), native.unavailable_reason()  # a build error fails here, never skips
 
-SHAPES = [(37, 4096), (5, 13696), (3, 66), (17, 200), (9, 2), (16, 130)]
-"""The 6B models' K (4096, 13696) with few rows; odd N; K below one block, with partial chunks."""
+SHAPES = [(37, 4096), (5, 13696), (41, 13696), (3, 66), (17, 200), (9, 2), (16, 130)]
+"""The 6B models' K (4096, 13696) with few rows, and with enough rows for the AVX512 kernel's groups of
+rows (its column slabs at every M, and a range's last rows one at a time); odd N; K below one block,
+with partial chunks."""
 OUT_TOL = {torch.float32: 2e-4, torch.bfloat16: 6e-3, torch.float16: 2e-3}
 
 

@@ -19,9 +19,12 @@ namespace {
 constexpr float SPLIT = 254.f;        // b is the remainder of a in units of 1 / SPLIT
 constexpr int64_t MAX_K = 1 << 20;    // keeps |sum u * a| < 2^31
 
+// The 2M term rows lie `stride` = kpad + one block apart, not kpad: at a power-of-two K (4096) all of
+// them would fall into the same L1 sets, more than its ways (8 on the AMD EPYC), and the 8-row kernel
+// took 2.6x its time (4 rows: 1.3x) with the activations evicting each other at every chunk.
 struct RowSplit {
-  int64_t m = 0, kpad = 0;           // kpad: K rounded up to whole blocks
-  std::vector<int8_t> q;             // [m][2][kpad]: term a, then term b, per block even then odd columns
+  int64_t m = 0, kpad = 0, stride = 0;  // kpad: K rounded up to whole blocks
+  std::vector<int8_t> q;             // [m][2][stride]: term a, then term b, per block even then odd columns
   std::vector<float> s;              // [m]
   std::vector<int32_t> sum_a, sum_b; // [m]
 };
@@ -68,7 +71,8 @@ RowSplit split_rows(const at::Tensor& x32, bool avx512) {
   a.m = x32.size(0);
   const int64_t k = x32.size(1);
   a.kpad = (k + QBLOCK - 1) / QBLOCK * QBLOCK;
-  a.q.assign(a.m * 2 * a.kpad, 0);
+  a.stride = a.kpad + QBLOCK;
+  a.q.assign(a.m * 2 * a.stride, 0);
   a.s.assign(a.m, 0.f);
   a.sum_a.assign(a.m, 0);
   a.sum_b.assign(a.m, 0);
@@ -80,8 +84,8 @@ RowSplit split_rows(const at::Tensor& x32, bool avx512) {
     // as with any float matmul (never silently finite).
     a.s[r] = amax / 127.f;
     const float inv = amax > 0.f && std::isfinite(amax) ? 127.f / amax : 0.f;
-    int8_t* qa = a.q.data() + 2 * r * a.kpad;
-    int8_t* qb = qa + a.kpad;
+    int8_t* qa = a.q.data() + 2 * r * a.stride;
+    int8_t* qb = qa + a.stride;
     for (int64_t b = 0; b < k; b += QBLOCK) {
       const int64_t len = std::min(QBLOCK, k - b);
       if (avx512 && len == QBLOCK) split_block_avx512(xr + b, inv, qa + b, qb + b, a.sum_a[r], a.sum_b[r]);
@@ -128,7 +132,7 @@ void int4_scalar(const Int4Args& p, int64_t n0, int64_t n1) {
       const uint8_t* c = chunk_ptr(row, b, p.row_bytes, tail);
       for (int r = 0; r < M; ++r)
         for (int t = 0; t < 2; ++t) {
-          const int8_t* q = a.q.data() + (2 * r + t) * a.kpad + b * QBLOCK;
+          const int8_t* q = a.q.data() + (2 * r + t) * a.stride + b * QBLOCK;
           int32_t d = 0;
           for (int64_t j = 0; j < CHUNK; ++j) d += ((c[j] ^ 0x88) >> 4) * q[j] + ((c[j] ^ 0x88) & 15) * q[CHUNK + j];
           dot[t][r] += d;
@@ -151,13 +155,13 @@ void int4_scalar(const Int4Args& p, int64_t n0, int64_t n1) {
 
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void int4_chunk_avx512(
-    const uint8_t* c, const int8_t* q, int64_t kpad, __m512i* acc_a, __m512i* acc_b) {
+    const uint8_t* c, const int8_t* q, int64_t stride, __m512i* acc_a, __m512i* acc_b) {
   const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(c), _mm512_set1_epi8(static_cast<char>(0x88)));
   const __m512i m0f = _mm512_set1_epi8(0x0f);
   const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(u, 4), m0f), lo = _mm512_and_si512(u, m0f);
   for (int r = 0; r < M; ++r) {
-    const int8_t* qa = q + 2 * r * kpad;
-    const int8_t* qb = qa + kpad;
+    const int8_t* qa = q + 2 * r * stride;
+    const int8_t* qb = qa + stride;
     acc_a[r] = _mm512_dpbusd_epi32(acc_a[r], hi, _mm512_loadu_si512(qa));
     acc_b[r] = _mm512_dpbusd_epi32(acc_b[r], hi, _mm512_loadu_si512(qb));
     acc_a[r] = _mm512_dpbusd_epi32(acc_a[r], lo, _mm512_loadu_si512(qa + CHUNK));
@@ -165,11 +169,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void int4
   }
 }
 
-// U accumulator sets (for few rows) break the dependency chains of the dot products. The software
-// prefetch runs ahead across the 4 KiB pages where the hardware prefetcher stops: into L2 and
-// 4 * PREFETCH ahead at M = 2..6, into L1 and PREFETCH ahead otherwise. Measured as the 6B model's
-// batched step on 2 threads, AMD EPYC, interleaved runs, against L1 at PREFETCH: M = 2 -3..-5 %,
-// M = 3 -8 %, M = 4 -16..-30 % (L1 at 4 * PREFETCH: -16 %), M = 6 -6 %, M = 7 +1 %, M = 8 +5..+10 %.
+// One row at a time: the rows the slab kernel leaves (a range's last rows, rows that are not whole
+// 64-byte chunks). U accumulator sets (for few rows) break the dependency chains of the dot products;
+// the software prefetch runs ahead across the 4 KiB pages where the hardware prefetcher stops.
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_avx512(const Int4Args& p, int64_t n0,
                                                                                  int64_t n1) {
@@ -189,10 +191,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_avx512
     for (; b + U <= full; b += U)
       for (int u = 0; u < U; ++u) {
         _mm_prefetch(reinterpret_cast<const char*>(row + (b + u) * CHUNK + ahead), to_l2 ? _MM_HINT_T1 : _MM_HINT_T0);
-        int4_chunk_avx512<M>(row + (b + u) * CHUNK, q + (b + u) * QBLOCK, kpad, acc_a[u], acc_b[u]);
+        int4_chunk_avx512<M>(row + (b + u) * CHUNK, q + (b + u) * QBLOCK, a.stride, acc_a[u], acc_b[u]);
       }
     for (; b < nblk; ++b)
-      int4_chunk_avx512<M>(chunk_ptr(row, b, p.row_bytes, tail), q + b * QBLOCK, kpad, acc_a[0], acc_b[0]);
+      int4_chunk_avx512<M>(chunk_ptr(row, b, p.row_bytes, tail), q + b * QBLOCK, a.stride, acc_a[0], acc_b[0]);
     for (int r = 0; r < M; ++r) {
       for (int u = 1; u < U; ++u) {
         acc_a[0][r] = _mm512_add_epi32(acc_a[0][r], acc_a[u][r]);
@@ -204,56 +206,76 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_avx512
   }
 }
 
-// One input row (decode) against a tile of R weight rows: each activation load serves R rows, the R
-// rows give 2R independent dependency chains, and the nibbles cost one ternary-logic op each.
+// The main AVX512 kernel. Output rows in groups of G, columns in slabs whose activations (M rows,
+// both terms) stay in L1 beside the weight stream: each slab is swept over the group's rows in tiles
+// of R rows, so that one activation load serves R rows and the tile gives 2RM independent chains; the
+// partial sums wait in `part` between slabs. The weights are prefetched into L2, PF_ROWS rows ahead
+// at the same offset. Measured on the 6B layers from DRAM, 2 threads, AMD EPYC, interleaved rounds
+// against the row-at-a-time kernel: M = 2 / 4 / 8 take 97 / 192-204 / 565 ms against 133 / 275 / 602,
+// and M = 1 the same 88 ms as tiles of 4 rows prefetched into L2 (with the earlier L1 prefetch 2 KiB
+// ahead, 131 ms). Without the slabs, M = 4 on the 13696-column layer ran 1.4x slower per byte.
 template <int M, int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_tile_avx512(const Int4Args& p, int64_t n) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4_slab_avx512(const Int4Args& p, int64_t n0,
+                                                                                      int64_t n1) {
+  constexpr int G = M > 4 ? 8 : 16;
+  constexpr int64_t SLAB = std::max<int64_t>(1, SLAB_BYTES / (2 * M) / QBLOCK);  // blocks per slab
+  constexpr int64_t PF_ROWS = 16;
   const RowSplit& a = *p.a;
-  const int64_t kpad = a.kpad, nblk = kpad / QBLOCK;
+  const int64_t stride = a.stride, nblk = a.kpad / QBLOCK, rb = p.row_bytes;
   const int8_t* q = a.q.data();
-  const uint8_t* rows[R];
-  __m512i acc_a[R][M], acc_b[R][M];
-  for (int i = 0; i < R; ++i) {
-    rows[i] = p.w + (n + i) * p.row_bytes;
-    for (int r = 0; r < M; ++r) acc_a[i][r] = acc_b[i][r] = _mm512_setzero_si512();
-  }
   const __m512i m0f = _mm512_set1_epi8(0x0f), x08 = _mm512_set1_epi8(0x08);
-  // Rows shorter than twice the distance: prefetch the next tile's rows (this tile's own next row is
-  // being read already); longer rows: PREFETCH ahead in the same row.
-  const int64_t ahead = p.row_bytes >= 2 * PREFETCH ? PREFETCH : R * p.row_bytes;
-  for (int64_t b = 0; b < nblk; ++b) {
-    __m512i hi[R], lo[R];
-    for (int i = 0; i < R; ++i) {
-      const uint8_t* c = rows[i] + b * CHUNK;
-      _mm_prefetch(reinterpret_cast<const char*>(c + ahead), _MM_HINT_T0);
-      const __m512i v = _mm512_loadu_si512(c);
-      hi[i] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m0f, x08, 0x6a);  // (A & B) ^ C: (n & 15) ^ 8
-      lo[i] = _mm512_ternarylogic_epi32(v, m0f, x08, 0x6a);
-    }
-    for (int r = 0; r < M; ++r) {
-      const int8_t* qa = q + 2 * r * kpad + b * QBLOCK;
-      const __m512i ae = _mm512_loadu_si512(qa), ao = _mm512_loadu_si512(qa + CHUNK);
-      const __m512i be = _mm512_loadu_si512(qa + kpad), bo = _mm512_loadu_si512(qa + kpad + CHUNK);
-      for (int i = 0; i < R; ++i) {
-        acc_a[i][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_a[i][r], hi[i], ae), lo[i], ao);
-        acc_b[i][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_b[i][r], hi[i], be), lo[i], bo);
+  alignas(64) __m512i part[G][2][M];
+  int64_t n = n0;
+  for (; n + G <= n1; n += G)
+    for (int64_t b0 = 0; b0 < nblk; b0 += SLAB) {
+      const int64_t b1 = std::min(nblk, b0 + SLAB);
+      for (int t = 0; t < G; t += R) {
+        __m512i acc_a[R][M], acc_b[R][M];
+        for (int i = 0; i < R; ++i)
+          for (int r = 0; r < M; ++r) {
+            acc_a[i][r] = b0 == 0 ? _mm512_setzero_si512() : part[t + i][0][r];
+            acc_b[i][r] = b0 == 0 ? _mm512_setzero_si512() : part[t + i][1][r];
+          }
+        const uint8_t* tile = p.w + (n + t) * rb;
+        for (int64_t b = b0; b < b1; ++b) {
+          __m512i hi[R], lo[R];
+          for (int i = 0; i < R; ++i) {
+            const uint8_t* c = tile + i * rb + b * CHUNK;
+            _mm_prefetch(reinterpret_cast<const char*>(c + PF_ROWS * rb), _MM_HINT_T1);
+            const __m512i v = _mm512_loadu_si512(c);
+            hi[i] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), m0f, x08, 0x6a);  // (A & B) ^ C: (n & 15) ^ 8
+            lo[i] = _mm512_ternarylogic_epi32(v, m0f, x08, 0x6a);
+          }
+          for (int r = 0; r < M; ++r) {
+            const int8_t* qa = q + 2 * r * stride + b * QBLOCK;
+            const __m512i ae = _mm512_loadu_si512(qa), ao = _mm512_loadu_si512(qa + CHUNK);
+            const __m512i be = _mm512_loadu_si512(qa + stride), bo = _mm512_loadu_si512(qa + stride + CHUNK);
+            for (int i = 0; i < R; ++i) {
+              acc_a[i][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_a[i][r], hi[i], ae), lo[i], ao);
+              acc_b[i][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc_b[i][r], hi[i], be), lo[i], bo);
+            }
+          }
+        }
+        for (int i = 0; i < R; ++i)
+          for (int r = 0; r < M; ++r)
+            if (b1 == nblk) {
+              p.y[r * p.n_total + n + t + i] = finish(p, n + t + i, r, _mm512_reduce_add_epi32(acc_a[i][r]),
+                                                      _mm512_reduce_add_epi32(acc_b[i][r]));
+            } else {
+              part[t + i][0][r] = acc_a[i][r];
+              part[t + i][1][r] = acc_b[i][r];
+            }
       }
     }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int r = 0; r < M; ++r)
-      p.y[r * p.n_total + n + i] =
-          finish(p, n + i, r, _mm512_reduce_add_epi32(acc_a[i][r]), _mm512_reduce_add_epi32(acc_b[i][r]));
+  if (n < n1) int4_avx512<M>(p, n, n1);
 }
 
-// M = 1: tiles of 4 rows (measured on the 6B shapes, 2 threads, AMX Xeon: 10-20 % over one row at a
-// time); rows past the last tile, and rows that are not whole 64-byte chunks, one at a time.
-void int4_tiles_m1(const Int4Args& p, int64_t n0, int64_t n1) {
-  constexpr int R = 4;
-  int64_t n = n0;
-  if (p.row_bytes % CHUNK == 0)
-    for (; n + R <= n1; n += R) int4_tile_avx512<1, R>(p, n);
-  if (n < n1) int4_avx512<1>(p, n, n1);
+// R = 4 rows a tile up to M = 2, 2 up to M = 4, then 1 (the accumulators, nibbles and activations of
+// a tile fit the 32 vector registers).
+template <int M>
+void int4_slabs(const Int4Args& p, int64_t n0, int64_t n1) {
+  if (p.row_bytes % CHUNK != 0) return int4_avx512<M>(p, n0, n1);
+  int4_slab_avx512<M, (M <= 2 ? 4 : (M <= 4 ? 2 : 1))>(p, n0, n1);
 }
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t isa) {
@@ -269,10 +291,8 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   at::Tensor y = at::empty({a.m, n}, x32.options());
   const Int4Args args{reinterpret_cast<const uint8_t*>(weight.data_ptr<int8_t>()), k / 2, scale.data_ptr<at::Half>(),
                       &a, y.data_ptr<float>(), n};
-  if (path == AVX512_VNNI && a.m == 1) {
-    run_rows(args, n, int4_tiles_m1);
-  } else if (path == AVX512_VNNI) {
-    CHATGLM_BY_ROWS(a.m, int4_avx512)
+  if (path == AVX512_VNNI) {
+    CHATGLM_BY_ROWS(a.m, int4_slabs)
   } else if (path == AVX_VNNI) {
     CHATGLM_BY_ROWS(a.m, int4_avxvnni)
   } else if (path == AVX2) {

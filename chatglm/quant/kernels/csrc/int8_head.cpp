@@ -5,10 +5,13 @@
 namespace chatglm_kernels {
 namespace {
 
-// Activations of M rows quantized per block of QBLOCK columns.
+constexpr int64_t HEAD_PREFETCH = 16384;
+
+// Activations of M rows quantized per block of QBLOCK columns. The rows lie one block more than K
+// apart, so that at K = 4096 they do not all fall into the same L1 sets (as in the int4 kernel).
 struct QAct {
-  int64_t m = 0, nblk = 0;
-  std::vector<int8_t> q;     // [m][nblk][QBLOCK], zero-padded past K
+  int64_t m = 0, nblk = 0, stride = 0;
+  std::vector<int8_t> q;     // [m][stride], zero-padded past K
   std::vector<float> s;      // [m][nblk]
 };
 
@@ -30,7 +33,8 @@ QAct quantize(const at::Tensor& x32, bool avx512) {
   a.m = x32.size(0);
   const int64_t k = x32.size(1);
   a.nblk = (k + QBLOCK - 1) / QBLOCK;
-  a.q.assign(a.m * a.nblk * QBLOCK, 0);
+  a.stride = (a.nblk + 1) * QBLOCK;
+  a.q.assign(a.m * a.stride, 0);
   a.s.assign(a.m * a.nblk, 0.f);
   const float* x = x32.data_ptr<float>();
   for (int64_t r = 0; r < a.m; ++r) {
@@ -41,7 +45,7 @@ QAct quantize(const at::Tensor& x32, bool avx512) {
       // An all-zero block gets scale 0; one holding inf or NaN gets scale NaN, so that the outputs
       // are NaN as with any float matmul (never silently finite).
       const float s = amax / 127.f, inv = amax > 0.f && std::isfinite(amax) ? 127.f / amax : 0.f;
-      int8_t* qb = a.q.data() + (r * a.nblk + b) * QBLOCK;
+      int8_t* qb = a.q.data() + r * a.stride + b * QBLOCK;
       if (avx512 && len == QBLOCK) quantize_block_avx512(xb, inv, qb);
       else quantize_block_scalar(xb, len, inv, qb);
       a.s[r * a.nblk + b] = s;
@@ -65,7 +69,7 @@ void int8_scalar(const Int8Args& p, int64_t n0, int64_t n1) {
     for (int64_t b = 0; b < a.nblk; ++b) {
       const int64_t len = std::min(QBLOCK, p.k - b * QBLOCK);
       for (int r = 0; r < M; ++r) {
-        const int8_t* q = a.q.data() + (r * a.nblk + b) * QBLOCK;
+        const int8_t* q = a.q.data() + r * a.stride + b * QBLOCK;
         int32_t dot = 0;
         for (int64_t j = 0; j < len; ++j) dot += row[b * QBLOCK + j] * q[j];
         acc[r] += a.s[r * a.nblk + b] * static_cast<float>(dot);
@@ -77,7 +81,10 @@ void int8_scalar(const Int8Args& p, int64_t n0, int64_t n1) {
 
 // w * q as u8 x s8: |w| times q with w's sign moved onto q (weights are clamped to -127..127).
 // A tile of R weight rows shares each activation load and gives R independent chains and R memory
-// streams; the software prefetch runs PREFETCH bytes ahead in each row (as the int4 kernel).
+// streams; the software prefetch runs HEAD_PREFETCH bytes ahead in each row, into L2. Measured on the
+// 65024 x 4096 layer from DRAM, 2 threads, AMD EPYC, against the earlier L1 prefetch 2 KiB ahead (with
+// the padded activation rows): M = 1 8.8 against 11.6 ms, M = 4 10.1 against 15.5 ms; 8-64 KiB ahead
+// within 10 % of each other, 16-32 KiB best.
 template <int M>
 constexpr int head_tile_rows() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
 
@@ -100,10 +107,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void int8
     for (int64_t h = 0; h < len; h += 64) {
       const __mmask64 keep = len - h >= 64 ? ~0ULL : (1ULL << (len - h)) - 1;
       __m512i q[M];
-      for (int r = 0; r < M; ++r) q[r] = _mm512_loadu_si512(a.q.data() + (r * a.nblk + b) * QBLOCK + h);
+      for (int r = 0; r < M; ++r) q[r] = _mm512_loadu_si512(a.q.data() + r * a.stride + b * QBLOCK + h);
       for (int i = 0; i < R; ++i) {
         const int8_t* c = rows[i] + b * QBLOCK + h;
-        _mm_prefetch(reinterpret_cast<const char*>(c + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + HEAD_PREFETCH), _MM_HINT_T1);
         const __m512i w = _mm512_maskz_loadu_epi8(keep, c);
         const __mmask64 neg = _mm512_movepi8_mask(w);
         const __m512i aw = _mm512_abs_epi8(w);
