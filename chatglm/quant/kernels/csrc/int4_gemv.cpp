@@ -18,12 +18,10 @@ namespace {
 
 constexpr float SPLIT = 254.f;        // b is the remainder of a in units of 1 / SPLIT
 constexpr int64_t MAX_K = 1 << 20;    // keeps |sum u * a| < 2^31
+constexpr int64_t SLAB_BYTES = 16384;  // activation bytes (M rows, two terms) per column slab: half of L1
 
-// The 2M term rows lie `stride` = kpad + one block apart, not kpad: at a power-of-two K (4096) all of
-// them would fall into the same L1 sets, more than its ways (8 on the AMD EPYC), and the 8-row kernel
-// took 2.6x its time (4 rows: 1.3x) with the activations evicting each other at every chunk.
 struct RowSplit {
-  int64_t m = 0, kpad = 0, stride = 0;  // kpad: K rounded up to whole blocks
+  int64_t m = 0, kpad = 0, stride = 0;  // kpad: K rounded up to whole blocks; stride: padded_row_stride
   std::vector<int8_t> q;             // [m][2][stride]: term a, then term b, per block even then odd columns
   std::vector<float> s;              // [m]
   std::vector<int32_t> sum_a, sum_b; // [m]
@@ -71,7 +69,7 @@ RowSplit split_rows(const at::Tensor& x32, bool avx512) {
   a.m = x32.size(0);
   const int64_t k = x32.size(1);
   a.kpad = (k + QBLOCK - 1) / QBLOCK * QBLOCK;
-  a.stride = a.kpad + QBLOCK;
+  a.stride = padded_row_stride(a.kpad);
   a.q.assign(a.m * 2 * a.stride, 0);
   a.s.assign(a.m, 0.f);
   a.sum_a.assign(a.m, 0);

@@ -7,8 +7,7 @@ namespace {
 
 constexpr int64_t HEAD_PREFETCH = 16384;
 
-// Activations of M rows quantized per block of QBLOCK columns. The rows lie one block more than K
-// apart, so that at K = 4096 they do not all fall into the same L1 sets (as in the int4 kernel).
+// Activations of M rows quantized per block of QBLOCK columns, `stride` (padded_row_stride) apart.
 struct QAct {
   int64_t m = 0, nblk = 0, stride = 0;
   std::vector<int8_t> q;     // [m][stride], zero-padded past K
@@ -33,7 +32,7 @@ QAct quantize(const at::Tensor& x32, bool avx512) {
   a.m = x32.size(0);
   const int64_t k = x32.size(1);
   a.nblk = (k + QBLOCK - 1) / QBLOCK;
-  a.stride = (a.nblk + 1) * QBLOCK;
+  a.stride = padded_row_stride(a.nblk * QBLOCK);
   a.q.assign(a.m * a.stride, 0);
   a.s.assign(a.m * a.nblk, 0.f);
   const float* x = x32.data_ptr<float>();
