@@ -55,8 +55,9 @@ def cache_budget_bytes(device: torch.device) -> int:
 
 
 CPU_MAX_BATCH = 4
-"""Rows a CPU engine decodes together: on 2 cores the 4-row step costs 1.5-2.7x the one-row step,
-the 8-row one 1.9-2.8x the 4-row one (README, Performance), so more rows only add latency."""
+"""Rows a CPU engine decodes together: on 2 cores the 4-row step costs 1.75-2.5x the one-row step
+(with the memory bandwidth of the moment), the 8-row one 2.5-2.7x the 4-row one (README,
+Performance), so more rows only add latency."""
 
 
 def engine_batch(device: torch.device, slots: int) -> int:
