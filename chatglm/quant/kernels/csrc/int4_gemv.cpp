@@ -242,8 +242,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline void 
 // both terms) stay in L1 beside the weight stream: each slab is swept over the group's rows in tiles
 // of R rows, so that one activation load serves R rows and the tile gives 2RM independent chains; the
 // partial sums wait in `part` between slabs and are reduced for the whole group at once at the end
-// (`finish_group`). The weights are prefetched into L2, PF_ROWS rows ahead at the same offset. Measured on the 6B layers from DRAM, 2 threads, AMD EPYC, interleaved rounds
-// against the row-at-a-time kernel: M = 2 / 4 / 8 take 97 / 192-204 / 565 ms against 133 / 275 / 602,
+// (`finish_group`). The weights are prefetched into L2, PF_ROWS rows ahead at the same offset.
+// Measured on the 6B layers from DRAM, 2 threads, AMD EPYC, interleaved rounds against the
+// row-at-a-time kernel: M = 2 / 4 / 8 take 97 / 192-204 / 565 ms against 133 / 275 / 602,
 // and M = 1 the same 88 ms as tiles of 4 rows prefetched into L2 (with the earlier L1 prefetch 2 KiB
 // ahead, 131 ms). Without the slabs, M = 4 on the 13696-column layer ran 1.4x slower per byte. The
 // group-wide reduction in place of one reduction per row and slab: M = 2 / 4 / 8 in 62 / 130 / 420
