@@ -62,6 +62,7 @@ def test_bench_runs_end_to_end_on_a_tiny_shape(tmp_path):
         statistics.median(turns["torch-int4"]) / statistics.median(turns["ours"]))
     assert "decode in turns, one process" in result.stdout
     assert s["streaming"]["int4"]["gb_per_s"] > 0 and s["streaming"]["output_layer"]["gb_per_s"] > 0
+    assert s["streaming_m4"]["int4"]["gb_per_s"] > 0 and "int4 weights, M = 4" in result.stdout
     assert len(s["decode_pct_of_floor_by_reading"]) == len(r["bandwidth_bytes_per_s"]) == 3
     if native.load():
         assert s["paths"]["isa"] in native.supported_isas() and s["paths"]["prefill_path"] in ("bf16", "int8")

@@ -105,6 +105,7 @@ def run_worker(args: argparse.Namespace) -> None:
         if device.type == "cpu":
             out["paths"] = kernels.paths()
             out["streaming"] = kernels.streaming_rates(run.model)
+            out["streaming_m4"] = kernels.streaming_rates(run.model, rows=4)  # bound by the dot products
             out["batched_decode_seconds"] = kernels.batched_decode_rounds(run.model, kernels.BATCH_ROWS,
                                                                           args.batch_tokens)
     elif args.worker == "torch-int4":

@@ -103,11 +103,12 @@ def _native_figures(r: dict, s: dict, bandwidth: float) -> None:
         ours["decode_step_seconds"]) for b in r["bandwidth_bytes_per_s"]]
     if "paths" in ours:
         s["paths"] = ours["paths"]
-    for key, src in (("streaming", ours), ("torch_int4_streaming", r.get("torch_int4", {}))):
-        if "streaming" in src:
+    for key, src, field in (("streaming", ours, "streaming"), ("streaming_m4", ours, "streaming_m4"),
+                            ("torch_int4_streaming", r.get("torch_int4", {}), "streaming")):
+        if field in src:
             s[key] = {k: dict(v, pct_of_bandwidth=100 * v["gb_per_s"] * 1e9 / bandwidth,
                               pct_of_best_bandwidth=100 * v["gb_per_s"] / s["best_bandwidth_gb_per_s"])
-                      for k, v in src["streaming"].items()}
+                      for k, v in src[field].items()}
     batched = ours.get("batched_decode_seconds")
     if batched:
         s["batched_decode_ms"] = {m: 1e3 * statistics.median(t) for m, t in batched.items()}
@@ -151,9 +152,9 @@ def _native_rows(r: dict, s: dict) -> list[tuple[str, str]]:
                      f"(decode {s['decode_pct_of_floor_stream']:.0f} % of it)"))
     rows.append(("decode floor, best reading", f"{s['best_bandwidth_gb_per_s']:.1f} GB/s: {s['floor_ms_best']:.1f} ms/token "
                  f"(decode {s['decode_pct_of_floor_best']:.0f} % of it)"))
-    for key, who in (("streaming", "ours"), ("torch_int4_streaming", "torch int4")):
+    for key, who, m in (("streaming", "ours", 1), ("streaming_m4", "ours", 4), ("torch_int4_streaming", "torch int4", 1)):
         for part, v in s.get(key, {}).items():
-            rows.append((f"{who}: {part} weights, M = 1 ({v.get('kind', 'int4')})",
+            rows.append((f"{who}: {part} weights, M = {m} ({v.get('kind', 'int4')})",
                          f"{1e3 * v['seconds']:.1f} ms for {_gb(v['bytes'])} = {v['gb_per_s']:.1f} GB/s "
                          f"({v['pct_of_bandwidth']:.0f} % of the x.sum reading, "
                          f"{v['pct_of_best_bandwidth']:.0f} % of the best reading)"))
