@@ -5,6 +5,10 @@ import statistics
 
 import torch
 
+STREAMING = (("streaming", "ours", "streaming", "ours", 1), ("streaming_m4", "ours", "streaming_m4", "ours", 4),
+             ("torch_int4_streaming", "torch_int4", "streaming", "torch int4", 1))
+"""The streaming figures: summary key, worker and its result field, who in the report, input rows."""
+
 TARGETS = {  # name: (threshold, higher is better)
     "decode_pct_of_floor": (85.0, True),
     "decode_pct_of_floor_best": (85.0, True),
@@ -103,8 +107,8 @@ def _native_figures(r: dict, s: dict, bandwidth: float) -> None:
         ours["decode_step_seconds"]) for b in r["bandwidth_bytes_per_s"]]
     if "paths" in ours:
         s["paths"] = ours["paths"]
-    for key, src, field in (("streaming", ours, "streaming"), ("streaming_m4", ours, "streaming_m4"),
-                            ("torch_int4_streaming", r.get("torch_int4", {}), "streaming")):
+    for key, worker, field, _, _ in STREAMING:
+        src = r.get(worker, {})
         if field in src:
             s[key] = {k: dict(v, pct_of_bandwidth=100 * v["gb_per_s"] * 1e9 / bandwidth,
                               pct_of_best_bandwidth=100 * v["gb_per_s"] / s["best_bandwidth_gb_per_s"])
@@ -152,7 +156,7 @@ def _native_rows(r: dict, s: dict) -> list[tuple[str, str]]:
                      f"(decode {s['decode_pct_of_floor_stream']:.0f} % of it)"))
     rows.append(("decode floor, best reading", f"{s['best_bandwidth_gb_per_s']:.1f} GB/s: {s['floor_ms_best']:.1f} ms/token "
                  f"(decode {s['decode_pct_of_floor_best']:.0f} % of it)"))
-    for key, who, m in (("streaming", "ours", 1), ("streaming_m4", "ours", 4), ("torch_int4_streaming", "torch int4", 1)):
+    for key, _, _, who, m in STREAMING:
         for part, v in s.get(key, {}).items():
             rows.append((f"{who}: {part} weights, M = {m} ({v.get('kind', 'int4')})",
                          f"{1e3 * v['seconds']:.1f} ms for {_gb(v['bytes'])} = {v['gb_per_s']:.1f} GB/s "
